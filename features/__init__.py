@@ -1,0 +1,1 @@
+"""rayrec features layer."""

@@ -1,0 +1,119 @@
+"""What sources produce and the ingest step publishes.
+
+Two shapes of data flow through the platform:
+
+- :class:`InteractionTables`: the canonical ``events`` / ``users`` / ``items``
+  tables (plus the raw-id mapping), for anything with users and items.
+- :class:`CtrTable`: a generic labelled feature table described by a
+  :class:`~features.feature_spec.FeatureSpec` (Criteo, Avazu), with no ids.
+
+Sources hand over *raw* events: canonical column names, but values that may
+still be strings; :mod:`features.validation` types them and quarantines what
+does not fit. On disk a dataset folder looks like::
+
+    events/date=YYYY-MM-DD/part-*.parquet   users.parquet   items.parquet
+    id_map.parquet (when ids were encoded)   dataset.json (kind, name, ts_unit)
+    table/part-*.parquet + feature_spec.json (CTR tables)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import polars as pl
+
+from features.feature_spec import FeatureSpec
+from infra.storage import StoragePath
+
+DATASET_FILE = "dataset.json"
+
+
+@dataclass(frozen=True)
+class InteractionTables:
+    """Canonical-named tables; ``events`` may still hold raw (string) values."""
+
+    name: str
+    events: pl.DataFrame
+    users: pl.DataFrame
+    items: pl.DataFrame
+    # entity, raw_id, id; None when the source's ids are already int64 codes.
+    id_map: pl.DataFrame | None = None
+    # How raw `ts` values are read: unix seconds/ms/us or ISO strings.
+    ts_unit: Literal["s", "ms", "us", "iso"] = "s"
+
+
+@dataclass(frozen=True)
+class CtrTable:
+    """A labelled feature table (one row per example) and its feature spec."""
+
+    name: str
+    table: pl.DataFrame
+    spec: FeatureSpec
+
+
+def write_interactions(tables: InteractionTables, folder: StoragePath) -> dict[str, int]:
+    """Write ``tables`` into ``folder`` (a staging folder); returns row counts."""
+    folder.makedirs()
+    _write_events_by_date(tables.events, folder.join("events"))
+    _write_parquet(tables.users, folder.join("users.parquet"))
+    _write_parquet(tables.items, folder.join("items.parquet"))
+    if tables.id_map is not None:
+        _write_parquet(tables.id_map, folder.join("id_map.parquet"))
+    meta = {"kind": "interactions", "name": tables.name, "ts_unit": tables.ts_unit}
+    folder.join(DATASET_FILE).write_text_atomic(json.dumps(meta))
+    return {"events": tables.events.height, "users": tables.users.height, "items": tables.items.height}
+
+
+def write_ctr_table(ctr: CtrTable, folder: StoragePath) -> dict[str, int]:
+    folder.makedirs()
+    folder.join("table").makedirs()
+    _write_parquet(ctr.table, folder.join("table", "part-00000.parquet"))
+    ctr.spec.save(folder)
+    folder.join(DATASET_FILE).write_text_atomic(json.dumps({"kind": "ctr", "name": ctr.name}))
+    return {"rows": ctr.table.height}
+
+
+def dataset_kind(folder: StoragePath) -> dict[str, str]:
+    return json.loads(folder.join(DATASET_FILE).read_text())
+
+
+def read_events(folder: StoragePath) -> pl.LazyFrame:
+    """All events below ``folder/events`` (hive-partitioned by date) as a LazyFrame."""
+    return _scan(folder.join("events"))
+
+
+def read_table(path: StoragePath) -> pl.DataFrame:
+    with path.fs.open_input_file(path.path) as handle:
+        return pl.read_parquet(handle)
+
+
+def _scan(folder: StoragePath) -> pl.LazyFrame:
+    files = [f for f in folder.files() if f.path.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"no Parquet files below {folder.uri}")
+    if folder.is_local:
+        return pl.scan_parquet([f.path for f in files], hive_partitioning=True)
+    return pl.concat([pl.read_parquet(f.read_bytes()).lazy() for f in files], how="diagonal_relaxed")
+
+
+def _write_parquet(frame: pl.DataFrame, path: StoragePath) -> None:
+    with path.fs.open_output_stream(path.path) as handle:
+        frame.write_parquet(handle, compression="zstd", statistics=True)
+
+
+def _write_events_by_date(events: pl.DataFrame, folder: StoragePath) -> None:
+    """One file per UTC date; events without a valid ts go to ``date=unknown``."""
+    folder.makedirs()
+    if events.is_empty():
+        return
+    ts = events.get_column("ts")
+    if ts.dtype == pl.Datetime("us", "UTC"):
+        dates = ts.dt.date().cast(pl.String).fill_null("unknown")
+    else:
+        dates = pl.Series("date", ["unknown"] * events.height)
+    for (date,), part in events.with_columns(dates.alias("__date")).partition_by("__date", as_dict=True, maintain_order=True).items():
+        target = folder.join(f"date={date}")
+        target.makedirs()
+        _write_parquet(part.drop("__date"), target.join("part-00000.parquet"))

@@ -1,0 +1,137 @@
+"""Canonical table contracts: ``events``, ``users``, ``items``.
+
+Every source maps onto these. Ids are int64 after encoding (raw ids live in a
+mapping table, see :data:`ID_MAP`); ``ts`` is UTC with microseconds. A contract
+is data, not code, so validation, docs and later drift checks read one truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import polars as pl
+
+TS_DTYPE = pl.Datetime("us", "UTC")
+
+
+class EventType(StrEnum):
+    IMPRESSION = "impression"
+    CLICK = "click"
+    RATING = "rating"
+    PURCHASE = "purchase"
+    VIEW = "view"
+
+
+@dataclass(frozen=True)
+class ColumnContract:
+    """One column: its type, nullability and the values it may take."""
+
+    name: str
+    dtype: pl.DataType
+    nullable: bool = False
+    min_value: float | None = None
+    max_value: float | None = None
+    allowed: tuple[str, ...] | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TableContract:
+    """A table's columns; extra columns are kept (typed attributes) unless listed."""
+
+    name: str
+    columns: tuple[ColumnContract, ...]
+    # Columns that hold entity ids and must exist in the entity tables.
+    id_columns: tuple[str, ...] = ()
+    # Attribute columns beyond the contract are allowed (users/items carry any).
+    allow_extra: bool = True
+    required: tuple[str, ...] = field(default=())
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def polars_schema(self) -> pl.Schema:
+        return pl.Schema({c.name: c.dtype for c in self.columns})
+
+    def column(self, name: str) -> ColumnContract:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(f"{self.name} has no column {name!r}")
+
+
+EVENTS = TableContract(
+    name="events",
+    columns=(
+        ColumnContract("user_id", pl.Int64(), min_value=0, description="encoded user id"),
+        ColumnContract("item_id", pl.Int64(), min_value=0, description="encoded item id"),
+        ColumnContract("ts", TS_DTYPE, description="event time, UTC, microseconds"),
+        ColumnContract(
+            "event_type", pl.String(), allowed=tuple(e.value for e in EventType),
+            description="impression | click | rating | purchase | view",
+        ),
+        ColumnContract(
+            "label", pl.Float64(), description="impression: 1.0 clicked / 0.0 not; rating: 1.0 if positive",
+        ),
+        ColumnContract(
+            "position", pl.Int32(), nullable=True, min_value=0, description="0-based slot in the slate",
+        ),
+        ColumnContract("request_id", pl.Int64(), nullable=True, min_value=0, description="one slate shown"),
+        ColumnContract(
+            "propensity", pl.Float64(), nullable=True, min_value=0.0, max_value=1.0,
+            description="logging policy probability of showing this item (see simulator)",
+        ),
+        ColumnContract("value", pl.Float64(), nullable=True, description="rating value, dwell time, price"),
+    ),
+    id_columns=("user_id", "item_id"),
+    allow_extra=False,
+)
+
+USERS = TableContract(
+    name="users",
+    columns=(ColumnContract("user_id", pl.Int64(), min_value=0),),
+    id_columns=("user_id",),
+)
+
+ITEMS = TableContract(
+    name="items",
+    columns=(ColumnContract("item_id", pl.Int64(), min_value=0),),
+    id_columns=("item_id",),
+)
+
+# raw id (as a string, whatever its original type) <-> encoded int64 id, per entity.
+ID_MAP = TableContract(
+    name="id_map",
+    columns=(
+        ColumnContract("entity", pl.String(), allowed=("user", "item")),
+        ColumnContract("raw_id", pl.String()),
+        ColumnContract("id", pl.Int64(), min_value=0),
+    ),
+    allow_extra=False,
+)
+
+CONTRACTS = {c.name: c for c in (EVENTS, USERS, ITEMS, ID_MAP)}
+
+
+def empty_events() -> pl.DataFrame:
+    return pl.DataFrame(schema=EVENTS.polars_schema)
+
+
+def conform_events(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add missing nullable columns as nulls, cast, and order as the contract says.
+
+    For frames built by our own sources, whose values are already valid; raw
+    input goes through :mod:`features.validation` instead.
+    """
+    out = []
+    for col in EVENTS.columns:
+        if col.name in frame.columns:
+            out.append(pl.col(col.name).cast(col.dtype))
+        elif col.nullable:
+            out.append(pl.lit(None, dtype=col.dtype).alias(col.name))
+        else:
+            raise KeyError(f"events: required column {col.name!r} is missing")
+    return frame.select(out)

@@ -1,0 +1,351 @@
+"""The one typed configuration tree, its presets and its override rules.
+
+Precedence, lowest first: model defaults < preset YAML < ``RAYREC_…`` environment
+variables < ``--set a.b=c`` overrides. The YAML key, the CLI path and the
+Python argument are the same dotted string (``simulator.n_users``); the
+environment spelling joins the parts with ``__`` (``RAYREC_SIMULATOR__N_USERS``).
+Unknown keys are an error that names the key, wherever they come from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from infra.errors import ConfigError
+
+ENV_PREFIX = "RAYREC_"
+ENV_NESTED_DELIMITER = "__"
+PRESETS = ("tiny", "default", "large")
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, and unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class PathsConfig(Section):
+    # A local folder or an object-store URI (s3://, gs://); every output lives below it.
+    workdir: str = "workdir"
+
+
+class RayConfig(Section):
+    # None: start a local Ray; RAY_ADDRESS in the environment wins over this.
+    address: str | None = None
+    # None lets Ray count the machine's cores.
+    num_cpus: int | None = None
+    # Small by default: the laptop also runs MLflow, Polars and the tests.
+    object_store_memory_mb: int | None = 512
+    include_dashboard: bool = False
+
+
+class MlflowConfig(Section):
+    # None: SQLite at <workdir>/mlflow/mlflow.db, so `make run` needs no server.
+    tracking_uri: str | None = None
+    # None: <workdir>/mlflow/artifacts for local workdirs.
+    artifact_location: str | None = None
+    experiment: str = "rayrec"
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # console: human-readable; json: one JSON object per line, for log shippers.
+    format: Literal["console", "json"] = "console"
+    # auto: progress bars on a terminal, off in CI (CI=true) and in pipes.
+    progress: Literal["auto", "on", "off"] = "auto"
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DriftEventConfig(Section):
+    """A change of the simulated world that starts on ``day`` (0-based) and stays."""
+
+    kind: Literal["covariate", "concept", "popularity_shock"]
+    day: int = Field(ge=0)
+    # covariate: share of traffic from the new user segment; concept: rotation of
+    # user preferences in radians / (pi/2); popularity_shock: share of items boosted.
+    strength: float = Field(default=0.5, gt=0.0, le=1.0)
+    # popularity_shock only: multiplier on the boosted items' popularity weight.
+    boost: float = Field(default=20.0, gt=1.0)
+
+
+class SimulatorConfig(Section):
+    """Click-log simulator; the defaults are the `default` preset's world."""
+
+    seed: int = 7
+    n_users: int = Field(default=20_000, ge=1)
+    n_items: int = Field(default=5_000, ge=2)
+    n_days: int = Field(default=28, ge=1)
+    start_date: dt.date = dt.date(2026, 1, 1)
+    # Impressions (slate positions shown) per day; the main size knob.
+    impressions_per_day: int = Field(default=60_000, ge=1)
+    # Share of the catalogue live on day 0; the rest arrives evenly (cold-start items).
+    initial_item_fraction: float = Field(default=0.8, gt=0.0, le=1.0)
+    latent_dim: int = Field(default=16, ge=2)
+    # Share of preference variance explained by attributes, so features carry signal.
+    attribute_share: float = Field(default=0.6, ge=0.0, le=1.0)
+    n_user_segments: int = Field(default=6, ge=1)
+    n_item_categories: int = Field(default=20, ge=1)
+    # Zipf exponent of item popularity (~1 in most logs).
+    zipf_exponent: float = Field(default=1.0, gt=0.0)
+    # Pareto shape of user activity: smaller means heavier tail.
+    activity_pareto_shape: float = Field(default=1.2, gt=0.0)
+    mean_session_requests: float = Field(default=3.0, ge=1.0)
+    slate_size: int = Field(default=10, ge=1)
+    # Candidates the logging policy draws before ordering them into a slate.
+    candidate_pool: int = Field(default=30, ge=1)
+    # P(examine | position p) = 1 / (1 + p) ** examine_decay, p = 0 at the top.
+    examine_decay: float = Field(default=0.8, ge=0.0)
+    relevance_scale: float = Field(default=4.0, gt=0.0)
+    relevance_bias: float = -1.5
+    # Logging policy: score = log popularity + personalization * noisy affinity,
+    # sampled with softmax exploration at this temperature.
+    policy_personalization: float = Field(default=2.0, ge=0.0)
+    policy_temperature: float = Field(default=1.0, gt=0.0)
+    # Share of clicks followed by an explicit rating event.
+    rating_probability: float = Field(default=0.3, ge=0.0, le=1.0)
+    # Rows generated and written per chunk; bounds memory at any size.
+    chunk_rows: int = Field(default=1_000_000, ge=1_000)
+    drifts: tuple[DriftEventConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulatorConfig:
+        if self.candidate_pool < self.slate_size:
+            raise ValueError("candidate_pool must be >= slate_size")
+        if self.slate_size > self.n_items * self.initial_item_fraction:
+            raise ValueError("slate_size exceeds the items live on day 0")
+        for drift in self.drifts:
+            if drift.day >= self.n_days:
+                raise ValueError(f"drift on day {drift.day} is after the last day {self.n_days - 1}")
+        return self
+
+
+class SimulatorSourceConfig(Section):
+    kind: Literal["simulator"] = "simulator"
+
+
+class MovieLensSourceConfig(Section):
+    kind: Literal["movielens"] = "movielens"
+    # A folder in any MovieLens layout (100K, 1M/10M, latest/25M).
+    path: str
+    # Explicit ratings become implicit labels: label = rating >= this.
+    positive_threshold: float = 4.0
+
+
+class CtrSourceConfig(Section):
+    kind: Literal["criteo", "avazu"]
+    # A file (or folder of files) in the Kaggle layout of that dataset.
+    path: str
+    # Categorical values seen fewer times than this map to the out-of-vocabulary id.
+    min_category_count: int = Field(default=2, ge=1)
+
+
+class InteractionFilesSourceConfig(Section):
+    kind: Literal["files"] = "files"
+    path: str
+    format: Literal["csv", "parquet", "user_item_lines"] = "csv"
+    # canonical column -> column in the file (user_id, item_id, ts, label, value, ...).
+    columns: dict[str, str] = Field(default_factory=dict)
+    # How to read `ts`: unix seconds, milliseconds or ISO-8601 strings.
+    ts_unit: Literal["s", "ms", "iso"] = "s"
+    separator: str = ","
+
+
+class RecBoleSourceConfig(Section):
+    kind: Literal["recbole"] = "recbole"
+    # Folder with <name>.inter and optionally <name>.user / <name>.item.
+    path: str
+    dataset: str | None = None
+
+
+SourceConfig = Annotated[
+    SimulatorSourceConfig
+    | MovieLensSourceConfig
+    | CtrSourceConfig
+    | InteractionFilesSourceConfig
+    | RecBoleSourceConfig,
+    Field(discriminator="kind"),
+]
+
+
+class ValidationConfig(Section):
+    # The step fails (and publishes nothing) above this share of bad rows.
+    max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    # Timestamps outside [ts_min, now + max_future_skew] are quarantined.
+    ts_min: dt.datetime = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
+    max_future_skew_hours: float = Field(default=24.0, ge=0.0)
+
+
+class DataConfig(Section):
+    source: SourceConfig = SimulatorSourceConfig()
+    validation: ValidationConfig = ValidationConfig()
+
+
+class PipelineConfig(Section):
+    name: str = "main"
+    # Published versions kept per step output (older ones are deleted).
+    keep_versions: int = Field(default=2, ge=1)
+    # Seconds to wait for another run's lock on the same workdir (0: fail at once).
+    lock_timeout_s: float = Field(default=0.0, ge=0.0)
+
+
+class RayrecConfig(Section):
+    """The fully resolved configuration of one run."""
+
+    preset: str = "default"
+    paths: PathsConfig = PathsConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    logging: LoggingConfig = LoggingConfig()
+    data: DataConfig = DataConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, *dotted: str) -> str:
+        """sha256 of the named sections (all of it when none), for fingerprints."""
+        data = self.to_dict()
+        picked = {key: _get_dotted(data, key) for key in dotted} if dotted else data
+        blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    preset: str = "default",
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> RayrecConfig:
+    """Resolve a preset (a packaged name or a YAML path), then env, then ``--set``.
+
+    >>> load_config("tiny", ["simulator.n_users=50"]).simulator.n_users
+    50
+    """
+    layers: list[tuple[str, dict[str, Any]]] = [(f"preset {preset}", _read_preset(preset))]
+    env = os.environ if environ is None else environ
+    env_tree = _env_overrides(env)
+    if env_tree:
+        layers.append(("environment", env_tree))
+    set_tree: dict[str, Any] = {}
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(set_tree, key, value)
+    if set_tree:
+        layers.append(("--set", set_tree))
+
+    merged: dict[str, Any] = {"preset": Path(preset).stem}
+    for _, tree in layers:
+        merged = _deep_merge(merged, tree)
+    try:
+        return RayrecConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, layers)) from None
+
+
+def _read_preset(preset: str) -> dict[str, Any]:
+    path = Path(preset)
+    if preset in PRESETS:
+        text = resources.files("infra").joinpath("presets", f"{preset}.yaml").read_text()
+    elif path.suffix in (".yaml", ".yml") and path.is_file():
+        text = path.read_text()
+    else:
+        raise ConfigError(
+            f"unknown preset {preset!r}: use one of {', '.join(PRESETS)} or a path to a YAML file"
+        )
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {preset!r} must hold a mapping at the top level")
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or ENV_NESTED_DELIMITER not in name:
+            # Single-level RAYREC_* names (RAYREC_DEBUG, ...) are runtime switches, not config.
+            continue
+        dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER))
+        _set_dotted(tree, dotted, yaml.safe_load(raw) if raw else raw)
+    return tree
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        parsed = yaml.safe_load(value) if value else value
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {value!r}: {exc}") from None
+    return key.strip(), parsed
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        node = node[part]
+    return node
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _explain(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        if err["type"] == "extra_forbidden":
+            origin = next((name for name, tree in reversed(layers) if _has_dotted(tree, loc)), "config")
+            problems.append(f"unknown config key {loc!r} (from {origin})")
+        else:
+            problems.append(f"{loc or 'config'}: {err['msg']}")
+    return "; ".join(problems)
+
+
+def _has_dotted(tree: Mapping[str, Any], dotted: str) -> bool:
+    try:
+        _get_dotted(tree, dotted)
+    except ConfigError:
+        return False
+    return True

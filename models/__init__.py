@@ -1,0 +1,1 @@
+"""rayrec models layer."""

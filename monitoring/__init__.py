@@ -1,0 +1,1 @@
+"""rayrec monitoring layer."""

@@ -1,0 +1,1 @@
+"""rayrec pipelines layer."""
