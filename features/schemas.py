@@ -12,6 +12,8 @@ from enum import StrEnum
 
 import polars as pl
 
+from features.feature_spec import FeatureKind, FeatureSpec
+
 TS_DTYPE = pl.Datetime("us", "UTC")
 
 
@@ -33,6 +35,8 @@ class ColumnContract:
     min_value: float | None = None
     max_value: float | None = None
     allowed: tuple[str, ...] | None = None
+    # Entity keys: a repeated id is quarantined (every copy, since none is "the" row).
+    unique: bool = False
     description: str = ""
 
 
@@ -92,13 +96,13 @@ EVENTS = TableContract(
 
 USERS = TableContract(
     name="users",
-    columns=(ColumnContract("user_id", pl.Int64(), min_value=0),),
+    columns=(ColumnContract("user_id", pl.Int64(), min_value=0, unique=True),),
     id_columns=("user_id",),
 )
 
 ITEMS = TableContract(
     name="items",
-    columns=(ColumnContract("item_id", pl.Int64(), min_value=0),),
+    columns=(ColumnContract("item_id", pl.Int64(), min_value=0, unique=True),),
     id_columns=("item_id",),
 )
 
@@ -135,3 +139,18 @@ def conform_events(frame: pl.DataFrame) -> pl.DataFrame:
         else:
             raise KeyError(f"events: required column {col.name!r} is missing")
     return frame.select(out)
+
+
+def contract_for_spec(spec: FeatureSpec, name: str = "examples") -> TableContract:
+    """The contract of a generic labelled table (Criteo/Avazu) described by ``spec``.
+
+    Labels are 0/1; categorical codes lie in ``[0, cardinality)``; numerics are
+    floats and may be null (models fill them by the spec's rule).
+    """
+    columns = [ColumnContract(label, pl.Float64(), min_value=0.0, max_value=1.0) for label in spec.labels]
+    for feature in spec.features:
+        if feature.kind == FeatureKind.CATEGORICAL:
+            columns.append(ColumnContract(feature.name, pl.Int64(), min_value=0, max_value=feature.cardinality - 1))
+        elif feature.kind == FeatureKind.NUMERIC:
+            columns.append(ColumnContract(feature.name, pl.Float64(), nullable=True))
+    return TableContract(name=name, columns=tuple(columns))

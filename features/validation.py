@@ -36,17 +36,26 @@ class ValidationRules:
 
 @dataclass
 class ValidationResult:
-    """Typed good rows, quarantined bad rows (as strings, with ``_reason``), counts."""
+    """Typed good rows, quarantined bad rows (as strings, with ``_reason``), counts.
+
+    When a table is validated in parts and the good rows are written as they
+    come, ``valid`` may hold only the last part; ``n_valid`` counts them all.
+    """
 
     table: str
     valid: pl.DataFrame
     quarantined: pl.DataFrame
     # "column: problem" -> rows; one row may count under several reasons.
     reason_counts: dict[str, int]
+    n_valid: int = -1
+
+    def __post_init__(self) -> None:
+        if self.n_valid < 0:
+            self.n_valid = self.valid.height
 
     @property
     def n_rows(self) -> int:
-        return self.valid.height + self.quarantined.height
+        return self.n_valid + self.quarantined.height
 
     @property
     def bad_fraction(self) -> float:
@@ -63,16 +72,20 @@ class ValidationResult:
             f"worst: {worst} ({count:,} rows); see the quarantine file for each row's reason"
         )
 
-    def merge(self, other: ValidationResult) -> ValidationResult:
-        counts = dict(self.reason_counts)
-        for key, value in other.reason_counts.items():
+
+def combine(parts: list[ValidationResult]) -> ValidationResult:
+    """One result for a table validated in parts; keeps counts and bad rows, not good rows."""
+    counts: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.reason_counts.items():
             counts[key] = counts.get(key, 0) + value
-        return ValidationResult(
-            self.table,
-            pl.concat([self.valid, other.valid], how="vertical"),
-            pl.concat([self.quarantined, other.quarantined], how="diagonal_relaxed"),
-            counts,
-        )
+    return ValidationResult(
+        parts[0].table,
+        parts[-1].valid.head(0),
+        pl.concat([p.quarantined for p in parts], how="diagonal_relaxed"),
+        counts,
+        n_valid=sum(p.n_valid for p in parts),
+    )
 
 
 def validate_table(
@@ -172,6 +185,8 @@ def _checks(
     if isinstance(col.dtype, pl.Datetime):
         checks.append(reason(cast < pl.lit(rules.ts_min), f"before {rules.ts_min:%Y-%m-%d}"))
         checks.append(reason(cast > pl.lit(rules.ts_max), f"after {rules.ts_max:%Y-%m-%d %H:%M}"))
+    if col.unique:
+        checks.append(reason(cast.is_not_null() & cast.is_duplicated(), "duplicate id"))
     if known_ids is not None and name in known_ids:
         checks.append(reason(cast.is_not_null() & ~cast.is_in(known_ids[name].implode()), "id out of range (unknown entity)"))
     return checks

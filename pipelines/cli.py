@@ -1,0 +1,191 @@
+"""The ``rayrec`` command line: a thin shell over typed library functions.
+
+Tests call :func:`main` in-process with an argv list. Every failure a user can
+fix ends as one line on stderr and a non-zero exit; ``--debug`` (or
+``RAYREC_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.config import RayrecConfig, load_config
+from infra.errors import RayrecError
+from infra.logs import configure_logging
+from pipelines.main import MAIN
+from pipelines.runner import list_runs, published, run_pipeline
+
+app = typer.Typer(
+    name="rayrec",
+    help="rayrec: recommendation and CTR prediction on Ray, from raw events to a monitored API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Bring data in: simulate, import, download, validate.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+out = Console()
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="tiny | default | large, or a YAML file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set simulator.n_users=500 (repeatable)."),
+]
+
+
+def _config(preset: str, sets: list[str] | None, extra: list[str] | None = None) -> RayrecConfig:
+    config = load_config(preset, [*(sets or []), *(extra or [])])
+    configure_logging(config.logging)
+    return config
+
+
+def _run(config: RayrecConfig, until: str | None, force: bool, track: bool) -> None:
+    record = run_pipeline(MAIN, config, until=until, force=force, track=track)
+    table = Table(title=f"run {record.run_id} ({record.status})")
+    for column in ("step", "status", "seconds", "rows", "version"):
+        table.add_column(column)
+    for step in record.steps:
+        rows = ", ".join(f"{k}={v:,}" for k, v in step.row_counts.items())
+        table.add_row(step.name, step.status, f"{step.duration_s:.1f}", rows, step.version)
+    out.print(table)
+    out.print(f"workdir: {config.paths.workdir}   mlflow run: {record.mlflow_run_id or '-'}")
+
+
+@app.command()
+def run(
+    preset: PresetOpt = "default",
+    until: Annotated[str | None, typer.Option(help="Stop after this step (and what it needs).")] = None,
+    sets: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Rerun steps even when their output is current.")] = False,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
+) -> None:
+    """Run the main pipeline (all steps, or up to --until)."""
+    config = _config(preset, sets)
+    if until is not None:
+        MAIN.step(until)
+    _run(config, until, force, track)
+
+
+@app.command()
+def steps(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """List the main pipeline's steps in order, with their published versions."""
+    config = _config(preset, sets)
+    table = Table(title=f"pipeline {MAIN.name}")
+    for column in ("step", "reads", "published", "description"):
+        table.add_column(column)
+    for step in MAIN.order():
+        current = published(config, step.name)
+        table.add_row(step.name, ", ".join(step.inputs) or "-", current.version if current else "-", step.description)
+    out.print(table)
+
+
+@app.command()
+def runs(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    limit: Annotated[int, typer.Option(help="How many runs to show.")] = 20,
+) -> None:
+    """List past runs of this workdir, newest first."""
+    config = _config(preset, sets)
+    table = Table(title=f"runs in {config.paths.workdir}")
+    for column in ("run", "status", "preset", "started", "steps"):
+        table.add_column(column)
+    for record in list_runs(config)[:limit]:
+        summary = " ".join(f"{s['name']}:{s['status']}" for s in record["steps"])
+        table.add_row(record["run_id"], record["status"], record["preset"], record["started_at"][:19], summary)
+    out.print(table)
+
+
+@data_app.command("simulate")
+def data_simulate(preset: PresetOpt = "default", sets: SetOpt = None, force: bool = False) -> None:
+    """Generate a click log with the simulator (the `ingest` step, simulator source)."""
+    config = _config(preset, sets, ["data.source={kind: simulator}"])
+    _run(config, "ingest", force, track=True)
+
+
+@data_app.command("import")
+def data_import(
+    kind: Annotated[str, typer.Argument(help="movielens | criteo | avazu | files | recbole")],
+    path: Annotated[Path, typer.Argument(help="The file or folder to read.", exists=True)],
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    force: bool = False,
+) -> None:
+    """Import a dataset into the workdir (the `ingest` step with that source)."""
+    source = json.dumps({"kind": kind, "path": str(path.resolve())})
+    config = _config(preset, sets, [f"data.source={source}"])
+    _run(config, "ingest", force, track=True)
+
+
+@data_app.command("validate")
+def data_validate(preset: PresetOpt = "default", sets: SetOpt = None, force: bool = False) -> None:
+    """Validate the ingested data; bad rows go to the quarantine file with reasons."""
+    config = _config(preset, sets)
+    _run(config, "validate", force, track=True)
+
+
+@data_app.command("download")
+def data_download(
+    name: Annotated[str, typer.Argument(help="movielens-100k | movielens-1m | movielens-25m | ml-latest-small")],
+    dest: Annotated[Path, typer.Option(help="Folder to download into.")] = Path("datasets"),
+    base_url: Annotated[str | None, typer.Option(help="Mirror to download from instead of GroupLens.")] = None,
+) -> None:
+    """Download a public dataset (pinned checksum, resumable), then print how to import it."""
+    from features.sources.download import download_dataset
+
+    folder = download_dataset(name, dest, base_url=base_url)
+    out.print(f"{name}: {folder}")
+    out.print(f"import it with: rayrec data import movielens {folder}")
+
+
+@config_app.command("show")
+def config_show(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """Print the fully resolved configuration as YAML."""
+    config = load_config(preset, sets or [])
+    typer.echo(config.to_yaml(), nl=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code instead of exiting (tests call it)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("RAYREC_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="rayrec", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except RayrecError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except Exception as exc:
+        if debug:
+            raise
+        cause = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"error: {type(exc).__name__}: {cause} (rerun with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""The main job's DAG; later issues add their steps here."""
+
+from __future__ import annotations
+
+from pipelines.dag import Pipeline
+from pipelines.steps.ingest import INGEST
+from pipelines.steps.summarize import SUMMARIZE
+from pipelines.steps.validate import VALIDATE
+
+MAIN = Pipeline("main", (INGEST, VALIDATE, SUMMARIZE))
+
+PIPELINES = {MAIN.name: MAIN}

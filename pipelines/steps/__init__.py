@@ -1,0 +1,1 @@
+"""The steps of rayrec's pipelines, one module each."""
