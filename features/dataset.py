@@ -63,7 +63,11 @@ def write_interactions(tables: InteractionTables, folder: StoragePath) -> dict[s
         _write_parquet(tables.id_map, folder.join("id_map.parquet"))
     meta = {"kind": "interactions", "name": tables.name, "ts_unit": tables.ts_unit}
     folder.join(DATASET_FILE).write_text_atomic(json.dumps(meta))
-    return {"events": tables.events.height, "users": tables.users.height, "items": tables.items.height}
+    return {
+        "events": tables.events.height,
+        "users": tables.users.height,
+        "items": tables.items.height,
+    }
 
 
 def write_ctr_table(ctr: CtrTable, folder: StoragePath) -> dict[str, int]:
@@ -95,7 +99,9 @@ def _scan(folder: StoragePath) -> pl.LazyFrame:
         raise FileNotFoundError(f"no Parquet files below {folder.uri}")
     if folder.is_local:
         return pl.scan_parquet([f.path for f in files], hive_partitioning=True)
-    return pl.concat([pl.read_parquet(f.read_bytes()).lazy() for f in files], how="diagonal_relaxed")
+    return pl.concat(
+        [pl.read_parquet(f.read_bytes()).lazy() for f in files], how="diagonal_relaxed"
+    )
 
 
 def _write_parquet(frame: pl.DataFrame, path: StoragePath) -> None:
@@ -113,7 +119,11 @@ def _write_events_by_date(events: pl.DataFrame, folder: StoragePath) -> None:
         dates = ts.dt.date().cast(pl.String).fill_null("unknown")
     else:
         dates = pl.Series("date", ["unknown"] * events.height)
-    for (date,), part in events.with_columns(dates.alias("__date")).partition_by("__date", as_dict=True, maintain_order=True).items():
+    for (date,), part in (
+        events.with_columns(dates.alias("__date"))
+        .partition_by("__date", as_dict=True, maintain_order=True)
+        .items()
+    ):
         target = folder.join(f"date={date}")
         target.makedirs()
         _write_parquet(part.drop("__date"), target.join("part-00000.parquet"))

@@ -64,14 +64,20 @@ class Feature(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> Feature:
-        if self.kind == FeatureKind.CATEGORICAL and (self.vocabulary is None) == (self.hash_buckets is None):
-            raise ValueError(f"categorical feature {self.name!r} needs exactly one of vocabulary or hash_buckets")
+        if self.kind == FeatureKind.CATEGORICAL and (self.vocabulary is None) == (
+            self.hash_buckets is None
+        ):
+            raise ValueError(
+                f"categorical feature {self.name!r} needs exactly one of vocabulary or hash_buckets"
+            )
         if self.kind == FeatureKind.SEQUENCE and self.max_length is None:
             raise ValueError(f"sequence feature {self.name!r} needs max_length")
         if self.kind == FeatureKind.EMBEDDING and self.dim is None:
             raise ValueError(f"embedding feature {self.name!r} needs dim")
         if self.normalization == Normalization.STANDARD and (self.mean is None or not self.std):
-            raise ValueError(f"standard-normalised feature {self.name!r} needs mean and a non-zero std")
+            raise ValueError(
+                f"standard-normalised feature {self.name!r} needs mean and a non-zero std"
+            )
         return self
 
     @property

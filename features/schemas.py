@@ -74,21 +74,37 @@ EVENTS = TableContract(
         ColumnContract("item_id", pl.Int64(), min_value=0, description="encoded item id"),
         ColumnContract("ts", TS_DTYPE, description="event time, UTC, microseconds"),
         ColumnContract(
-            "event_type", pl.String(), allowed=tuple(e.value for e in EventType),
+            "event_type",
+            pl.String(),
+            allowed=tuple(e.value for e in EventType),
             description="impression | click | rating | purchase | view",
         ),
         ColumnContract(
-            "label", pl.Float64(), description="impression: 1.0 clicked / 0.0 not; rating: 1.0 if positive",
+            "label",
+            pl.Float64(),
+            description="impression: 1.0 clicked / 0.0 not; rating: 1.0 if positive",
         ),
         ColumnContract(
-            "position", pl.Int32(), nullable=True, min_value=0, description="0-based slot in the slate",
+            "position",
+            pl.Int32(),
+            nullable=True,
+            min_value=0,
+            description="0-based slot in the slate",
         ),
-        ColumnContract("request_id", pl.Int64(), nullable=True, min_value=0, description="one slate shown"),
         ColumnContract(
-            "propensity", pl.Float64(), nullable=True, min_value=0.0, max_value=1.0,
+            "request_id", pl.Int64(), nullable=True, min_value=0, description="one slate shown"
+        ),
+        ColumnContract(
+            "propensity",
+            pl.Float64(),
+            nullable=True,
+            min_value=0.0,
+            max_value=1.0,
             description="logging policy probability of showing this item (see simulator)",
         ),
-        ColumnContract("value", pl.Float64(), nullable=True, description="rating value, dwell time, price"),
+        ColumnContract(
+            "value", pl.Float64(), nullable=True, description="rating value, dwell time, price"
+        ),
     ),
     id_columns=("user_id", "item_id"),
     allow_extra=False,
@@ -147,10 +163,16 @@ def contract_for_spec(spec: FeatureSpec, name: str = "examples") -> TableContrac
     Labels are 0/1; categorical codes lie in ``[0, cardinality)``; numerics are
     floats and may be null (models fill them by the spec's rule).
     """
-    columns = [ColumnContract(label, pl.Float64(), min_value=0.0, max_value=1.0) for label in spec.labels]
+    columns = [
+        ColumnContract(label, pl.Float64(), min_value=0.0, max_value=1.0) for label in spec.labels
+    ]
     for feature in spec.features:
         if feature.kind == FeatureKind.CATEGORICAL:
-            columns.append(ColumnContract(feature.name, pl.Int64(), min_value=0, max_value=feature.cardinality - 1))
+            columns.append(
+                ColumnContract(
+                    feature.name, pl.Int64(), min_value=0, max_value=feature.cardinality - 1
+                )
+            )
         elif feature.kind == FeatureKind.NUMERIC:
             columns.append(ColumnContract(feature.name, pl.Float64(), nullable=True))
     return TableContract(name=name, columns=tuple(columns))

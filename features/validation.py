@@ -17,8 +17,8 @@ from typing import Literal
 
 import polars as pl
 
-from infra.errors import DataValidationError
 from features.schemas import ColumnContract, TableContract
+from infra.errors import DataValidationError
 
 REASON = "_reason"
 TsUnit = Literal["s", "ms", "us", "iso"]
@@ -29,7 +29,9 @@ class ValidationRules:
     """Bounds that are data, not code: they come from ``data.validation``."""
 
     ts_min: dt.datetime = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
-    ts_max: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    ts_max: dt.datetime = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    )
     # How numeric or string timestamps in raw input are read.
     ts_unit: TsUnit = "s"
 
@@ -121,14 +123,18 @@ def validate_table(
         raise DataValidationError(f"{contract.name}: unexpected column(s) {', '.join(extra)}")
 
     checked = frame.with_columns(
-        pl.concat_list(problems).list.drop_nulls().alias(REASON) if problems else pl.lit([], pl.List(pl.String)).alias(REASON)
+        pl.concat_list(problems).list.drop_nulls().alias(REASON)
+        if problems
+        else pl.lit([], pl.List(pl.String)).alias(REASON)
     )
     bad_mask = pl.col(REASON).list.len() > 0
     valid = checked.filter(~bad_mask).select([*typed, *[pl.col(c) for c in extra]])
     bad = checked.filter(bad_mask)
     counts = (
         bad.select(pl.col(REASON).explode().str.replace(r" \('.*'\)$", ""))
-        .group_by(REASON).len().sort("len", descending=True)
+        .group_by(REASON)
+        .len()
+        .sort("len", descending=True)
     )
     quarantined = bad.select(
         [pl.col(c).cast(pl.String) for c in raw.columns]
@@ -143,17 +149,27 @@ def _cast(col: ColumnContract, raw_dtype: pl.DataType, ts_unit: TsUnit) -> pl.Ex
     source = pl.col(col.name)
     if isinstance(col.dtype, pl.Datetime):
         if isinstance(raw_dtype, pl.Datetime):
-            return source.dt.convert_time_zone("UTC").cast(col.dtype) if raw_dtype.time_zone else source.dt.replace_time_zone("UTC").cast(col.dtype)
+            return (
+                source.dt.convert_time_zone("UTC").cast(col.dtype)
+                if raw_dtype.time_zone
+                else source.dt.replace_time_zone("UTC").cast(col.dtype)
+            )
         if raw_dtype == pl.String and ts_unit == "iso":
             return source.str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
-        seconds = source.cast(pl.Float64, strict=False) if raw_dtype == pl.String else source.cast(pl.Float64)
+        seconds = (
+            source.cast(pl.Float64, strict=False)
+            if raw_dtype == pl.String
+            else source.cast(pl.Float64)
+        )
         scale = {"s": 1_000_000, "ms": 1_000, "us": 1, "iso": 1_000_000}[ts_unit]
         return (seconds * scale).round().cast(pl.Int64, strict=False).cast(pl.Datetime("us", "UTC"))
     if raw_dtype == pl.String and col.dtype.is_numeric():
         # "3.0" is a fine int64 id but "3.5" is not: parse as float, then demand integrality.
         as_float = source.str.strip_chars().cast(pl.Float64, strict=False)
         if col.dtype.is_integer():
-            return pl.when(as_float == as_float.round()).then(as_float).cast(col.dtype, strict=False)
+            return (
+                pl.when(as_float == as_float.round()).then(as_float).cast(col.dtype, strict=False)
+            )
         return as_float.cast(col.dtype)
     return source.cast(col.dtype, strict=False)
 
@@ -170,7 +186,11 @@ def _checks(
     name = col.name
 
     def reason(cond: pl.Expr, text: str, show_value: bool = True) -> pl.Expr:
-        message = pl.format(f"{name}: {text} ('{{}}')", raw_text.str.slice(0, 40)) if show_value else pl.lit(f"{name}: {text}")
+        message = (
+            pl.format(f"{name}: {text} ('{{}}')", raw_text.str.slice(0, 40))
+            if show_value
+            else pl.lit(f"{name}: {text}")
+        )
         return pl.when(cond).then(message).otherwise(pl.lit(None, pl.String))
 
     checks = [reason(raw_present & cast.is_null(), f"not a valid {col.dtype}")]
@@ -181,12 +201,22 @@ def _checks(
     if col.max_value is not None:
         checks.append(reason(cast > col.max_value, f"above {col.max_value:g}"))
     if col.allowed is not None:
-        checks.append(reason(cast.is_not_null() & ~cast.is_in(list(col.allowed)), "not one of " + "|".join(col.allowed)))
+        checks.append(
+            reason(
+                cast.is_not_null() & ~cast.is_in(list(col.allowed)),
+                "not one of " + "|".join(col.allowed),
+            )
+        )
     if isinstance(col.dtype, pl.Datetime):
         checks.append(reason(cast < pl.lit(rules.ts_min), f"before {rules.ts_min:%Y-%m-%d}"))
         checks.append(reason(cast > pl.lit(rules.ts_max), f"after {rules.ts_max:%Y-%m-%d %H:%M}"))
     if col.unique:
         checks.append(reason(cast.is_not_null() & cast.is_duplicated(), "duplicate id"))
     if known_ids is not None and name in known_ids:
-        checks.append(reason(cast.is_not_null() & ~cast.is_in(known_ids[name].implode()), "id out of range (unknown entity)"))
+        checks.append(
+            reason(
+                cast.is_not_null() & ~cast.is_in(known_ids[name].implode()),
+                "id out of range (unknown entity)",
+            )
+        )
     return checks

@@ -76,8 +76,9 @@ class DriftEventConfig(Section):
 
     kind: Literal["covariate", "concept", "popularity_shock"]
     day: int = Field(ge=0)
-    # covariate: share of traffic from the new user segment; concept: rotation of
-    # user preferences in radians / (pi/2); popularity_shock: share of items boosted.
+    # covariate: share of traffic from the new user segment (which also adds
+    # round(strength * n_users) users, at least one); concept: rotation of user
+    # preferences in radians / (pi/2); popularity_shock: share of items boosted.
     strength: float = Field(default=0.5, gt=0.0, le=1.0)
     # popularity_shock only: multiplier on the boosted items' popularity weight.
     boost: float = Field(default=20.0, gt=1.0)
@@ -105,6 +106,9 @@ class SimulatorConfig(Section):
     # Pareto shape of user activity: smaller means heavier tail.
     activity_pareto_shape: float = Field(default=1.2, gt=0.0)
     mean_session_requests: float = Field(default=3.0, ge=1.0)
+    # Mean seconds between requests of one session (exponential gaps), and between
+    # a click and its rating: "seconds to minutes apart".
+    mean_request_gap_s: float = Field(default=30.0, gt=0.0)
     slate_size: int = Field(default=10, ge=1)
     # Candidates the logging policy draws before ordering them into a slate.
     candidate_pool: int = Field(default=30, ge=1)
@@ -112,25 +116,51 @@ class SimulatorConfig(Section):
     examine_decay: float = Field(default=0.8, ge=0.0)
     relevance_scale: float = Field(default=4.0, gt=0.0)
     relevance_bias: float = -1.5
+    # Logit of relevance per unit of item quality (quality ~ N(0, 1)): a popularity-free
+    # item effect that an item-only model can learn.
+    quality_weight: float = Field(default=0.5, ge=0.0)
     # Logging policy: score = log popularity + personalization * noisy affinity,
     # sampled with softmax exploration at this temperature.
     policy_personalization: float = Field(default=2.0, ge=0.0)
     policy_temperature: float = Field(default=1.0, gt=0.0)
+    # Std of the per-user error of the policy's preference estimate (in units of the
+    # true vectors' per-component std); the estimate is never refreshed, so concept
+    # drift makes the logging policy stale, as a deployed model would be.
+    policy_affinity_noise: float = Field(default=0.5, ge=0.0)
+    # Candidate draw weight = popularity * exp(tilt * segment-category affinity);
+    # 0 draws candidates by popularity alone.
+    policy_category_tilt: float = Field(default=1.0, ge=0.0)
     # Share of clicks followed by an explicit rating event.
     rating_probability: float = Field(default=0.3, ge=0.0, le=1.0)
     # Rows generated and written per chunk; bounds memory at any size.
     chunk_rows: int = Field(default=1_000_000, ge=1_000)
+    # Parquet codec of the written events (benchmarks/simulator.py measures both).
+    compression: Literal["zstd", "snappy"] = "zstd"
     drifts: tuple[DriftEventConfig, ...] = ()
+
+    @property
+    def n_initial_items(self) -> int:
+        """Items live on day 0 (ids 0 .. n_initial_items - 1)."""
+        return min(self.n_items, max(1, round(self.n_items * self.initial_item_fraction)))
 
     @model_validator(mode="after")
     def _check(self) -> SimulatorConfig:
         if self.candidate_pool < self.slate_size:
             raise ValueError("candidate_pool must be >= slate_size")
-        if self.slate_size > self.n_items * self.initial_item_fraction:
-            raise ValueError("slate_size exceeds the items live on day 0")
+        if self.candidate_pool > self.n_initial_items:
+            raise ValueError(
+                f"candidate_pool {self.candidate_pool} exceeds the {self.n_initial_items} "
+                "items live on day 0"
+            )
+        if 2 * self.slate_size > self.chunk_rows:
+            raise ValueError("chunk_rows must hold at least one slate and its ratings")
         for drift in self.drifts:
             if drift.day >= self.n_days:
-                raise ValueError(f"drift on day {drift.day} is after the last day {self.n_days - 1}")
+                raise ValueError(
+                    f"drift on day {drift.day} is after the last day {self.n_days - 1}"
+                )
+        if sum(d.strength for d in self.drifts if d.kind == "covariate") > 1.0:
+            raise ValueError("covariate drifts' traffic shares (strength) sum to more than 1")
         return self
 
 
@@ -163,6 +193,8 @@ class InteractionFilesSourceConfig(Section):
     # How to read `ts`: unix seconds, milliseconds or ISO-8601 strings.
     ts_unit: Literal["s", "ms", "iso"] = "s"
     separator: str = ","
+    # Event type of rows when `columns` maps no event_type: logs of interactions are clicks.
+    event_type: Literal["impression", "click", "rating", "purchase", "view"] = "click"
 
 
 class RecBoleSourceConfig(Section):
@@ -170,6 +202,8 @@ class RecBoleSourceConfig(Section):
     # Folder with <name>.inter and optionally <name>.user / <name>.item.
     path: str
     dataset: str | None = None
+    # With a rating field and no label field: label = rating >= this (as for MovieLens).
+    positive_threshold: float = 4.0
 
 
 SourceConfig = Annotated[
@@ -285,7 +319,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith(ENV_PREFIX) or ENV_NESTED_DELIMITER not in name:
             # Single-level RAYREC_* names (RAYREC_DEBUG, ...) are runtime switches, not config.
             continue
-        dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER))
+        dotted = ".".join(
+            part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER)
+        )
         _set_dotted(tree, dotted, yaml.safe_load(raw) if raw else raw)
     return tree
 
@@ -336,7 +372,9 @@ def _explain(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> 
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         if err["type"] == "extra_forbidden":
-            origin = next((name for name, tree in reversed(layers) if _has_dotted(tree, loc)), "config")
+            origin = next(
+                (name for name, tree in reversed(layers) if _has_dotted(tree, loc)), "config"
+            )
             problems.append(f"unknown config key {loc!r} (from {origin})")
         else:
             problems.append(f"{loc or 'config'}: {err['msg']}")

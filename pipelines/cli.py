@@ -31,17 +31,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Bring data in: simulate, import, download, validate.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Bring data in: simulate, import, download, validate.", no_args_is_help=True
+)
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
 out = Console()
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="tiny | default | large, or a YAML file.")]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", "-p", help="tiny | default | large, or a YAML file.")
+]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key, e.g. --set simulator.n_users=500 (repeatable)."),
+    typer.Option(
+        "--set", "-s", help="Override a config key, e.g. --set simulator.n_users=500 (repeatable)."
+    ),
 ]
 
 
@@ -66,9 +72,13 @@ def _run(config: RayrecConfig, until: str | None, force: bool, track: bool) -> N
 @app.command()
 def run(
     preset: PresetOpt = "default",
-    until: Annotated[str | None, typer.Option(help="Stop after this step (and what it needs).")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Stop after this step (and what it needs).")
+    ] = None,
     sets: SetOpt = None,
-    force: Annotated[bool, typer.Option(help="Rerun steps even when their output is current.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Rerun steps even when their output is current.")
+    ] = False,
     track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
 ) -> None:
     """Run the main pipeline (all steps, or up to --until)."""
@@ -87,7 +97,12 @@ def steps(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
         table.add_column(column)
     for step in MAIN.order():
         current = published(config, step.name)
-        table.add_row(step.name, ", ".join(step.inputs) or "-", current.version if current else "-", step.description)
+        table.add_row(
+            step.name,
+            ", ".join(step.inputs) or "-",
+            current.version if current else "-",
+            step.description,
+        )
     out.print(table)
 
 
@@ -104,7 +119,9 @@ def runs(
         table.add_column(column)
     for record in list_runs(config)[:limit]:
         summary = " ".join(f"{s['name']}:{s['status']}" for s in record["steps"])
-        table.add_row(record["run_id"], record["status"], record["preset"], record["started_at"][:19], summary)
+        table.add_row(
+            record["run_id"], record["status"], record["preset"], record["started_at"][:19], summary
+        )
     out.print(table)
 
 
@@ -138,9 +155,13 @@ def data_validate(preset: PresetOpt = "default", sets: SetOpt = None, force: boo
 
 @data_app.command("download")
 def data_download(
-    name: Annotated[str, typer.Argument(help="movielens-100k | movielens-1m | movielens-25m | ml-latest-small")],
+    name: Annotated[
+        str, typer.Argument(help="movielens-100k | movielens-1m | movielens-25m | ml-latest-small")
+    ],
     dest: Annotated[Path, typer.Option(help="Folder to download into.")] = Path("datasets"),
-    base_url: Annotated[str | None, typer.Option(help="Mirror to download from instead of GroupLens.")] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="Mirror to download from instead of GroupLens.")
+    ] = None,
 ) -> None:
     """Download a public dataset (pinned checksum, resumable), then print how to import it."""
     from features.sources.download import download_dataset
@@ -182,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         cause = str(exc).splitlines()[0] if str(exc) else ""
-        typer.echo(f"error: {type(exc).__name__}: {cause} (rerun with --debug for the traceback)", err=True)
+        typer.echo(
+            f"error: {type(exc).__name__}: {cause} (rerun with --debug for the traceback)", err=True
+        )
         return 1
     return 0
 

@@ -22,7 +22,9 @@ class Pipeline:
         for step in self.steps:
             unknown = [i for i in step.inputs if i not in names]
             if unknown:
-                raise ValueError(f"pipeline {self.name}: step {step.name} reads unknown step(s) {unknown}")
+                raise ValueError(
+                    f"pipeline {self.name}: step {step.name} reads unknown step(s) {unknown}"
+                )
         try:
             self.order()
         except CycleError as exc:
@@ -32,7 +34,9 @@ class Pipeline:
         for step in self.steps:
             if step.name == name:
                 return step
-        raise ConfigError(f"pipeline {self.name} has no step {name!r}; steps: {', '.join(self.names)}")
+        raise ConfigError(
+            f"pipeline {self.name} has no step {name!r}; steps: {', '.join(self.names)}"
+        )
 
     @property
     def names(self) -> list[str]:

@@ -36,7 +36,7 @@ from infra.runinfo import code_version, source_hash
 from infra.storage import StoragePath
 from infra.tracking import setup_mlflow
 from pipelines.dag import Pipeline
-from pipelines.step import Step, StepContext, StepResult
+from pipelines.step import Step, StepContext
 
 log = get_logger(__name__)
 Status = Literal["ran", "skipped", "failed", "not run"]
@@ -86,7 +86,10 @@ def fingerprint(step: Step, config: RayrecConfig, inputs: dict[str, Published]) 
         "step": step.name,
         "code": source_hash(*step.code) if step.code else "",
         "config": config.section_hash(*step.config_keys) if step.config_keys else "",
-        "inputs": {name: pub.manifest.get("content_hash", pub.version) for name, pub in sorted(inputs.items())},
+        "inputs": {
+            name: pub.manifest.get("content_hash", pub.version)
+            for name, pub in sorted(inputs.items())
+        },
         "external": _stat_hash(step.external_inputs(config)) if step.external_inputs else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -124,7 +127,10 @@ def run_pipeline(
         started_at=_now(),
         steps=[StepRecord(s.name) for s in plan],
     )
-    with _pipeline_lock(workdir, pipeline.name, config.pipeline.lock_timeout_s), _tracking(config, workdir, record, track):
+    with (
+        _pipeline_lock(workdir, pipeline.name, config.pipeline.lock_timeout_s),
+        _tracking(config, workdir, record, track),
+    ):
         try:
             for step in plan:
                 _run_step(step, config, workdir, record, force, track)
@@ -139,7 +145,12 @@ def run_pipeline(
 
 
 def _run_step(
-    step: Step, config: RayrecConfig, workdir: StoragePath, record: RunRecord, force: bool, track: bool
+    step: Step,
+    config: RayrecConfig,
+    workdir: StoragePath,
+    record: RunRecord,
+    force: bool,
+    track: bool,
 ) -> None:
     entry = record.step(step.name)
     inputs: dict[str, Published] = {}
@@ -151,7 +162,11 @@ def _run_step(
     entry.fingerprint = fingerprint(step, config, inputs)
     output = step_output(config, step.name)
     current = output.current()
-    if not force and current is not None and current.manifest.get("fingerprint") == entry.fingerprint:
+    if (
+        not force
+        and current is not None
+        and current.manifest.get("fingerprint") == entry.fingerprint
+    ):
         entry.status, entry.version = "skipped", current.version
         entry.row_counts = dict(current.manifest.get("row_counts", {}))
         log.info("step.skipped", step=step.name, version=current.version)
@@ -186,12 +201,16 @@ def _run_step(
         if isinstance(exc, RayrecError):
             raise
         if isinstance(exc, Exception):
-            raise StepFailedError(f"step {step.name} failed, nothing published: {entry.error}") from exc
+            raise StepFailedError(
+                f"step {step.name} failed, nothing published: {entry.error}"
+            ) from exc
         raise
     entry.status, entry.version = "ran", pub.version
     entry.row_counts, entry.metrics = dict(result.row_counts), dict(result.metrics)
     # Staged paths moved with the publish; log the published copies.
-    published_artifacts = [pub.path.join(p.path.removeprefix(staging.path).lstrip("/")) for p in artifact_paths]
+    published_artifacts = [
+        pub.path.join(p.path.removeprefix(staging.path).lstrip("/")) for p in artifact_paths
+    ]
     _track_step(track, entry, published_artifacts)
     log.info("step.done", step=step.name, seconds=round(entry.duration_s, 2), rows=entry.row_counts)
 
@@ -200,7 +219,9 @@ def _run_step(
 
 
 @contextmanager
-def _tracking(config: RayrecConfig, workdir: StoragePath, record: RunRecord, enabled: bool) -> Iterator[None]:
+def _tracking(
+    config: RayrecConfig, workdir: StoragePath, record: RunRecord, enabled: bool
+) -> Iterator[None]:
     if not enabled:
         yield
         return
@@ -215,7 +236,13 @@ def _tracking(config: RayrecConfig, workdir: StoragePath, record: RunRecord, ena
     with mlflow.start_run(run_name=f"{record.pipeline}-{record.run_id}", tags=tags) as run:
         record.mlflow_run_id = run.info.run_id
         mlflow.log_text(config.to_yaml(), "config.yaml")
-        mlflow.log_params({"preset": record.preset, "config_hash": record.config_hash[:12], "code_version": record.code_version})
+        mlflow.log_params(
+            {
+                "preset": record.preset,
+                "config_hash": record.config_hash[:12],
+                "code_version": record.code_version,
+            }
+        )
         try:
             yield
         finally:
@@ -225,14 +252,21 @@ def _tracking(config: RayrecConfig, workdir: StoragePath, record: RunRecord, ena
             mlflow.log_metric("steps_skipped", sum(s.status == "skipped" for s in record.steps))
             if record.status == "failed":
                 # start_run's context manager marks the run FAILED as the exception leaves it.
-                mlflow.set_tag("rayrec.failed_step", next((s.name for s in record.steps if s.status == "failed"), ""))
+                mlflow.set_tag(
+                    "rayrec.failed_step",
+                    next((s.name for s in record.steps if s.status == "failed"), ""),
+                )
 
 
 def _track_step(enabled: bool, entry: StepRecord, artifacts: list[StoragePath] | None) -> None:
     """One child run per step, ended explicitly so a failure never ends the parent."""
     if not enabled:
         return
-    mlflow.start_run(run_name=entry.name, nested=True, tags={"rayrec.step": entry.name, "rayrec.status": entry.status})
+    mlflow.start_run(
+        run_name=entry.name,
+        nested=True,
+        tags={"rayrec.step": entry.name, "rayrec.status": entry.status},
+    )
     try:
         mlflow.log_params({"fingerprint": entry.fingerprint[:16], "version": entry.version or "-"})
         metrics: dict[str, float] = {"duration_s": entry.duration_s}
@@ -287,7 +321,9 @@ def _pipeline_lock(workdir: StoragePath, pipeline: str, timeout_s: float) -> Ite
 
 
 def _write_record(workdir: StoragePath, record: RunRecord) -> None:
-    workdir.join("runs", f"{record.run_id}.json").write_text_atomic(json.dumps(_record_dict(record), indent=2))
+    workdir.join("runs", f"{record.run_id}.json").write_text_atomic(
+        json.dumps(_record_dict(record), indent=2)
+    )
 
 
 def _record_dict(record: RunRecord) -> dict[str, Any]:

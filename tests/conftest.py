@@ -11,14 +11,18 @@ import pytest
 from infra.config import RayrecConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = Path(os.environ.get("RAYREC_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+SHARED_DATASETS = Path(
+    os.environ.get("RAYREC_SHARED_DATASETS", REPO_ROOT.parent / "shared" / "datasets")
+)
 
 
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     """``../shared/datasets``; tests using it skip on a user's clone that lacks it."""
     if not SHARED_DATASETS.is_dir():
-        pytest.skip(f"real datasets not found at {SHARED_DATASETS} (only on the project's machines)")
+        pytest.skip(
+            f"real datasets not found at {SHARED_DATASETS} (only on the project's machines)"
+        )
     return SHARED_DATASETS
 
 

@@ -14,13 +14,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on servers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
+import matplotlib.pyplot as plt
+import polars as pl
 
-from features.dataset import dataset_kind, read_events, read_table  # noqa: E402
-from features.feature_spec import FeatureSpec  # noqa: E402
-from infra.storage import StoragePath  # noqa: E402
-from pipelines.step import Step, StepContext, StepResult  # noqa: E402
+from features.dataset import dataset_kind, read_events, read_table
+from features.feature_spec import FeatureSpec
+from infra.storage import StoragePath
+from pipelines.step import Step, StepContext, StepResult
 
 
 def run_summarize(ctx: StepContext) -> StepResult:
@@ -35,28 +35,42 @@ def run_summarize(ctx: StepContext) -> StepResult:
         _plot(per_day, by_position, ctx.output.join("dataset_summary.png"))
         artifacts = ("summary.json", "events_per_day.csv", "dataset_summary.png")
     ctx.output.join("summary.json").write_text_atomic(json.dumps(summary, indent=2, default=str))
-    metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics = {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     return StepResult(row_counts={"summary": 1}, metrics=metrics, artifacts=artifacts)
 
 
 def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
     events = read_events(data).select(pl.exclude("date"))
-    totals = events.select(
-        pl.len().alias("events"),
-        pl.col("user_id").n_unique().alias("active_users"),
-        pl.col("item_id").n_unique().alias("active_items"),
-        pl.col("ts").min().alias("first_ts"),
-        pl.col("ts").max().alias("last_ts"),
-        pl.col("request_id").n_unique().alias("requests"),
-    ).collect().row(0, named=True)
+    totals = (
+        events.select(
+            pl.len().alias("events"),
+            pl.col("user_id").n_unique().alias("active_users"),
+            pl.col("item_id").n_unique().alias("active_items"),
+            pl.col("ts").min().alias("first_ts"),
+            pl.col("ts").max().alias("last_ts"),
+            pl.col("request_id").n_unique().alias("requests"),
+        )
+        .collect()
+        .row(0, named=True)
+    )
     impressions = events.filter(pl.col("event_type") == "impression")
     by_position = (
-        impressions.group_by("position").agg(pl.len().alias("impressions"), pl.col("label").mean().alias("ctr"))
-        .sort("position").collect()
+        impressions.group_by("position")
+        .agg(pl.len().alias("impressions"), pl.col("label").mean().alias("ctr"))
+        .sort("position")
+        .collect()
     )
     per_day = (
-        events.group_by(pl.col("ts").dt.date().alias("date"), "event_type").len()
-        .collect().pivot(on="event_type", index="date", values="len").sort("date").fill_null(0)
+        events.group_by(pl.col("ts").dt.date().alias("date"), "event_type")
+        .len()
+        .collect()
+        .pivot(on="event_type", index="date", values="len")
+        .sort("date")
+        .fill_null(0)
     )
     mix = events.group_by("event_type").len().collect()
     n_impressions = int(by_position["impressions"].sum()) if by_position.height else 0
@@ -68,10 +82,14 @@ def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataF
         "items": n_items,
         "days": per_day.height,
         "impressions": n_impressions,
-        "ctr": float(impressions.select(pl.col("label").mean()).collect().item() or 0.0) if n_impressions else 0.0,
+        "ctr": float(impressions.select(pl.col("label").mean()).collect().item() or 0.0)
+        if n_impressions
+        else 0.0,
         "density": totals["events"] / max(1, n_users * n_items),
         "event_mix": dict(zip(mix["event_type"], mix["len"], strict=True)),
-        "ctr_by_position": dict(zip(by_position["position"].cast(pl.String), by_position["ctr"], strict=True)),
+        "ctr_by_position": dict(
+            zip(by_position["position"].cast(pl.String), by_position["ctr"], strict=True)
+        ),
     }
     if not n_impressions:
         # Rating-only logs (MovieLens): the share of positive labels is the useful rate.
@@ -81,12 +99,17 @@ def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataF
 
 def _summarize_ctr(data: StoragePath) -> dict[str, Any]:
     spec = FeatureSpec.load(data)
-    table = pl.concat([read_table(f) for f in data.join("table").files() if f.path.endswith(".parquet")])
+    table = pl.concat(
+        [read_table(f) for f in data.join("table").files() if f.path.endswith(".parquet")]
+    )
     return {
         "rows": table.height,
         "positive_rate": float(table.get_column(spec.labels[0]).mean() or 0.0),
         "features": len(spec.features),
-        "feature_kinds": {k: sum(f.kind == k for f in spec.features) for k in {f.kind.value for f in spec.features}},
+        "feature_kinds": {
+            k: sum(f.kind == k for f in spec.features)
+            for k in {f.kind.value for f in spec.features}
+        },
     }
 
 

@@ -43,10 +43,13 @@ def run_validate(ctx: StepContext) -> StepResult:
         try:
             result.raise_if_over_bound(bound)
         except DataValidationError as exc:
-            raise DataValidationError(f"{exc} ({quarantine.join(result.table + '.parquet').uri})") from None
+            raise DataValidationError(
+                f"{exc} ({quarantine.join(result.table + '.parquet').uri})"
+            ) from None
     ctx.output.join(DATASET_FILE).write_text_atomic(json.dumps({**meta, "ts_unit": "us"}))
     return StepResult(
-        row_counts={r.table: r.n_valid for r in results} | {f"{r.table}_quarantined": r.quarantined.height for r in results},
+        row_counts={r.table: r.n_valid for r in results}
+        | {f"{r.table}_quarantined": r.quarantined.height for r in results},
         metrics={f"bad_fraction_{r.table}": r.bad_fraction for r in results},
         extra={
             "quarantine": quarantine.uri if any(r.quarantined.height for r in results) else None,
@@ -61,29 +64,44 @@ def _rules(config: RayrecConfig, ts_unit: str) -> ValidationRules:
     return ValidationRules(ts_min=bounds.ts_min, ts_max=latest, ts_unit=ts_unit)  # type: ignore[arg-type]
 
 
-def _validate_interactions(raw: StoragePath, out: StoragePath, rules: ValidationRules) -> list[ValidationResult]:
+def _validate_interactions(
+    raw: StoragePath, out: StoragePath, rules: ValidationRules
+) -> list[ValidationResult]:
     users = validate_table(read_table(raw.join("users.parquet")), USERS, rules)
     items = validate_table(read_table(raw.join("items.parquet")), ITEMS, rules)
     _write_parquet(users.valid, out.join("users.parquet"))
     _write_parquet(items.valid, out.join("items.parquet"))
     if raw.join("id_map.parquet").exists():
         _write_parquet(read_table(raw.join("id_map.parquet")), out.join("id_map.parquet"))
-    known = {"user_id": users.valid.get_column("user_id"), "item_id": items.valid.get_column("item_id")}
+    known = {
+        "user_id": users.valid.get_column("user_id"),
+        "item_id": items.valid.get_column("item_id"),
+    }
     files = [f for f in raw.join("events").files() if f.path.endswith(".parquet")]
     if not files:
         raise DataValidationError(f"events: no Parquet files below {raw.join('events').uri}")
     parts = []
     for index, file in enumerate(files):
-        part = validate_table(read_table(file).select(_event_columns(file)), EVENTS, rules, known_ids=known)
+        part = validate_table(
+            read_table(file).select(_event_columns(file)), EVENTS, rules, known_ids=known
+        )
         _write_events(part.valid, out.join("events"), index)
         # Good rows are on disk now; keep only what the report needs.
-        parts.append(ValidationResult(part.table, part.valid.head(0), part.quarantined, part.reason_counts, part.n_valid))
+        parts.append(
+            ValidationResult(
+                part.table, part.valid.head(0), part.quarantined, part.reason_counts, part.n_valid
+            )
+        )
     return [users, items, combine(parts)]
 
 
 def _event_columns(file: StoragePath) -> list[str]:
     # Hive partition folders (date=...) are layout, not data.
-    schema = pl.read_parquet_schema(file.local_path()) if file.is_local else pl.read_parquet(file.read_bytes()).schema
+    schema = (
+        pl.read_parquet_schema(file.local_path())
+        if file.is_local
+        else pl.read_parquet(file.read_bytes()).schema
+    )
     return [c for c in schema if c != "date"]
 
 
@@ -102,8 +120,14 @@ def _write_events(valid: pl.DataFrame, folder: StoragePath, index: int) -> None:
     if valid.is_empty():
         return
     dates = valid.get_column("ts").dt.date().cast(pl.String)
-    for (date,), part in valid.with_columns(dates.alias("__date")).partition_by("__date", as_dict=True, maintain_order=True).items():
-        _write_parquet(part.drop("__date"), folder.join(f"date={date}", f"part-{index:05d}.parquet"))
+    for (date,), part in (
+        valid.with_columns(dates.alias("__date"))
+        .partition_by("__date", as_dict=True, maintain_order=True)
+        .items()
+    ):
+        _write_parquet(
+            part.drop("__date"), folder.join(f"date={date}", f"part-{index:05d}.parquet")
+        )
 
 
 def _write_parquet(frame: pl.DataFrame, path: StoragePath) -> None:

@@ -55,7 +55,11 @@ def postgres_uri() -> Iterator[str]:
 
 @pytest.mark.postgres
 def test_a_run_logs_to_postgresql(postgres_uri: str, tmp_path: Path) -> None:
-    config = MlflowConfig(tracking_uri=postgres_uri, artifact_location=(tmp_path / "artifacts").as_uri(), experiment="pg")
+    config = MlflowConfig(
+        tracking_uri=postgres_uri,
+        artifact_location=(tmp_path / "artifacts").as_uri(),
+        experiment="pg",
+    )
     experiment_id = setup_mlflow(config, StoragePath.from_uri(tmp_path))
     with mlflow.start_run(experiment_id=experiment_id, run_name="pg-run") as run:
         mlflow.log_param("backend", "postgresql")
@@ -64,5 +68,9 @@ def test_a_run_logs_to_postgresql(postgres_uri: str, tmp_path: Path) -> None:
     client = MlflowClient(postgres_uri)
     stored = client.get_run(run.info.run_id)
     assert stored.data.params["backend"] == "postgresql"
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5, 1.0 / 3]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [
+        1.0,
+        0.5,
+        1.0 / 3,
+    ]
     assert stored.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())

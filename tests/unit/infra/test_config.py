@@ -16,7 +16,10 @@ def test_every_preset_loads(preset: str) -> None:
 
 
 def test_tiny_is_smaller_than_default_is_smaller_than_large() -> None:
-    sizes = [load_config(p, environ={}).simulator.impressions_per_day for p in ("tiny", "default", "large")]
+    sizes = [
+        load_config(p, environ={}).simulator.impressions_per_day
+        for p in ("tiny", "default", "large")
+    ]
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
 
 
@@ -45,7 +48,9 @@ def test_single_level_rayrec_variables_are_not_config() -> None:
         (["nosuchsection.key=1"], {}, "unknown config key 'nosuchsection'"),
     ],
 )
-def test_unknown_keys_are_named(overrides: list[str], environ: dict[str, str], expected: str) -> None:
+def test_unknown_keys_are_named(
+    overrides: list[str], environ: dict[str, str], expected: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("tiny", overrides, environ=environ)
     assert expected in str(err.value)
@@ -74,7 +79,7 @@ def test_unknown_preset_lists_the_choices() -> None:
 
 
 def test_source_variant_is_chosen_by_kind() -> None:
-    config = load_config("tiny", ['data.source={kind: movielens, path: /data/ml-100k}'], environ={})
+    config = load_config("tiny", ["data.source={kind: movielens, path: /data/ml-100k}"], environ={})
     assert config.data.source.kind == "movielens"
     with pytest.raises(ConfigError, match="data.source"):
         load_config("tiny", ["data.source={kind: nosuch}"], environ={})

@@ -31,7 +31,9 @@ def _squares(ctx: StepContext) -> StepResult:
     CALLS.append("squares")
     numbers = ctx.input_path("numbers").join("numbers.txt").read_text().split()
     ctx.output.join("squares.txt").write_text_atomic("\n".join(str(int(x) ** 2) for x in numbers))
-    return StepResult(row_counts={"squares": len(numbers)}, metrics={"max_square": float(int(numbers[-1]) ** 2)})
+    return StepResult(
+        row_counts={"squares": len(numbers)}, metrics={"max_square": float(int(numbers[-1]) ** 2)}
+    )
 
 
 def _failing_squares(ctx: StepContext) -> StepResult:
@@ -48,7 +50,11 @@ TOY = Pipeline("toy", (NUMBERS, SQUARES))
 def config(tmp_path: Path, mlflow_uri: str) -> RayrecConfig:
     return load_config(
         "tiny",
-        [f"paths.workdir={tmp_path / 'wd'}", "simulator.n_users=5", f"mlflow.tracking_uri={mlflow_uri}"],
+        [
+            f"paths.workdir={tmp_path / 'wd'}",
+            "simulator.n_users=5",
+            f"mlflow.tracking_uri={mlflow_uri}",
+        ],
         environ={},
     )
 
@@ -62,7 +68,11 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _with(config: RayrecConfig, *overrides: str) -> RayrecConfig:
     return load_config(
         "tiny",
-        [f"paths.workdir={config.paths.workdir}", f"mlflow.tracking_uri={config.mlflow.tracking_uri}", *overrides],
+        [
+            f"paths.workdir={config.paths.workdir}",
+            f"mlflow.tracking_uri={config.mlflow.tracking_uri}",
+            *overrides,
+        ],
         environ={},
     )
 
@@ -82,7 +92,9 @@ def test_rerun_with_same_inputs_is_skipped_and_content_is_identical(config: Rayr
 
 def test_config_change_reruns_only_what_it_affects(config: RayrecConfig) -> None:
     run_pipeline(TOY, config, track=False)
-    unrelated = run_pipeline(TOY, _with(config, "simulator.n_users=5", "logging.level=DEBUG"), track=False)
+    unrelated = run_pipeline(
+        TOY, _with(config, "simulator.n_users=5", "logging.level=DEBUG"), track=False
+    )
     assert [s.status for s in unrelated.steps] == ["skipped", "skipped"]
     changed = run_pipeline(TOY, _with(config, "simulator.n_users=7"), track=False)
     assert [s.status for s in changed.steps] == ["ran", "ran"]
@@ -99,13 +111,21 @@ def test_crash_mid_step_keeps_the_previous_output_and_a_rerun_resumes(config: Ra
     run_pipeline(TOY, config, track=False)
     good = published(config, "squares")
     assert good is not None
-    broken = Pipeline("toy", (NUMBERS, Step("squares", _failing_squares, "crashes", inputs=("numbers",))))
-    with pytest.raises(StepFailedError, match="squares failed, nothing published: OSError: disk full"):
+    broken = Pipeline(
+        "toy", (NUMBERS, Step("squares", _failing_squares, "crashes", inputs=("numbers",)))
+    )
+    with pytest.raises(
+        StepFailedError, match="squares failed, nothing published: OSError: disk full"
+    ):
         run_pipeline(broken, _with(config, "simulator.n_users=6"), track=False)
     # numbers (n=6) was published; squares still points at the good n=5 version.
     assert published(config, "squares") == good
     assert good.path.join("squares.txt").read_text().split() == ["0", "1", "4", "9", "16"]
-    staging = [p for p in Path(config.paths.workdir, "steps", "squares").iterdir() if p.name.startswith(".staging")]
+    staging = [
+        p
+        for p in Path(config.paths.workdir, "steps", "squares").iterdir()
+        if p.name.startswith(".staging")
+    ]
     assert staging == []
     CALLS.clear()
     resumed = run_pipeline(TOY, _with(config, "simulator.n_users=6"), track=False)
@@ -128,7 +148,8 @@ def test_run_is_tracked_as_a_parent_with_one_child_per_step(config: RayrecConfig
     assert parent.data.params["config_hash"] == record.config_hash[:12]
     assert parent.data.tags["rayrec.code_version"] == record.code_version
     children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{record.mlflow_run_id}'"
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{record.mlflow_run_id}'",
     )
     by_name = {c.info.run_name: c for c in children}
     assert set(by_name) == {"numbers", "squares"}
@@ -139,12 +160,16 @@ def test_run_is_tracked_as_a_parent_with_one_child_per_step(config: RayrecConfig
 
 
 def test_a_failed_step_marks_parent_and_child_failed(config: RayrecConfig) -> None:
-    broken = Pipeline("toy", (NUMBERS, Step("squares", _failing_squares, "crashes", inputs=("numbers",))))
+    broken = Pipeline(
+        "toy", (NUMBERS, Step("squares", _failing_squares, "crashes", inputs=("numbers",)))
+    )
     with pytest.raises(StepFailedError):
         run_pipeline(broken, config, track=True)
     client = MlflowClient(config.mlflow.tracking_uri)
     runs = client.search_runs(
-        [client.get_experiment_by_name("rayrec").experiment_id], order_by=["attributes.start_time DESC"], max_results=3
+        [client.get_experiment_by_name("rayrec").experiment_id],
+        order_by=["attributes.start_time DESC"],
+        max_results=3,
     )
     statuses = {r.info.run_name.split("-")[0]: r.info.status for r in runs}
     assert statuses["squares"] == "FAILED"
@@ -166,4 +191,6 @@ def test_cycles_and_unknown_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="unknown step"):
         Pipeline("bad", (Step("a", _numbers, "", inputs=("zzz",)),))
     with pytest.raises(ValueError, match="cycle"):
-        Pipeline("bad", (Step("a", _numbers, "", inputs=("b",)), Step("b", _numbers, "", inputs=("a",))))
+        Pipeline(
+            "bad", (Step("a", _numbers, "", inputs=("b",)), Step("b", _numbers, "", inputs=("a",)))
+        )
