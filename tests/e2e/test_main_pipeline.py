@@ -1,0 +1,104 @@
+"""The main job end to end on the tiny preset, through the CLI, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+
+from infra.config import load_config
+from pipelines.cli import main
+from pipelines.runner import list_runs, published
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path / "wd"
+
+
+def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}"]
+    assert main(args) == 0
+    config = load_config("tiny", [f"paths.workdir={workdir}"], environ={})
+    for step in ("ingest", "validate", "summarize"):
+        assert published(config, step) is not None, step
+
+    validated = published(config, "validate")
+    assert validated is not None
+    assert validated.manifest["row_counts"]["events_quarantined"] == 0
+    events = pl.scan_parquet(
+        str(validated.path.join("events").local_path() / "**/*.parquet")
+    ).collect()
+    assert events.height == validated.manifest["row_counts"]["events"]
+
+    summary = json.loads(published(config, "summarize").path.join("summary.json").read_text())  # type: ignore[union-attr]
+    assert summary["days"] == config.simulator.n_days
+    ctr = [summary["ctr_by_position"][str(p)] for p in range(config.simulator.slate_size)]
+    assert ctr[0] > ctr[-1]  # position bias shows in the data
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow/mlflow.db")
+    run_id = list_runs(config)[0]["mlflow_run_id"]
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    summarize_run = next(c for c in children if c.info.run_name == "summarize")
+    assert summarize_run.data.metrics["events"] == summary["events"]
+    assert {a.path for a in client.list_artifacts(summarize_run.info.run_id)} >= {
+        "summary.json",
+        "dataset_summary.png",
+    }
+
+    capsys.readouterr()
+    assert main(args) == 0
+    assert [s["status"] for s in list_runs(config)[0]["steps"]] == ["skipped", "skipped", "skipped"]
+
+
+def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--preset", "tiny", "--set", f"paths.workdir={workdir}"]
+    assert main(["run", *base, "--until", "ingest"]) == 0
+    config = load_config("tiny", [f"paths.workdir={workdir}"], environ={})
+    ingested = published(config, "ingest")
+    assert ingested is not None
+    # Corrupt the raw events in place, as a broken upstream export would.
+    first_file = sorted(ingested.path.join("events").local_path().rglob("*.parquet"))[0]
+    frame = pl.read_parquet(first_file)
+    n_bad = frame.height // 2
+    corrupted = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) < n_bad)
+        .then(None)
+        .otherwise(pl.col("user_id"))
+        .alias("user_id")
+    )
+    corrupted.write_parquet(first_file)
+
+    assert main(["run", *base, "--until", "validate", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"events: {n_bad:,} of" in err and "worst: user_id: null in a required column" in err
+    assert published(config, "validate") is None  # nothing published
+    quarantine = next((workdir / "quarantine").rglob("events.parquet"))
+    bad = pl.read_parquet(quarantine)
+    assert bad.height == n_bad
+    assert set(bad["_reason"]) == {"user_id: null in a required column"}
+
+    # Raising the bound lets the same data through, without the bad rows.
+    assert (
+        main(["run", *base, "--until", "validate", "--set", "data.validation.max_bad_fraction=0.5"])
+        == 0
+    )
+    validated = published(
+        load_config(
+            "tiny", [f"paths.workdir={workdir}", "data.validation.max_bad_fraction=0.5"], environ={}
+        ),
+        "validate",
+    )
+    assert validated is not None
+    assert validated.manifest["row_counts"]["events_quarantined"] == n_bad
