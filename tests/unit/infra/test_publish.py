@@ -96,3 +96,28 @@ def test_storage_path_understands_uris(tmp_path: Path) -> None:
     local = StoragePath.from_uri(tmp_path)
     assert local.is_local and local.join("a", "b").path == f"{tmp_path}/a/b"
     assert StoragePath.from_uri(tmp_path.as_uri()).is_local
+
+
+def test_publish_works_on_a_filesystem_without_atomic_rename() -> None:
+    """The object-store path: an fsspec in-memory filesystem through pyarrow.
+
+    No rename, no temp files: the version folder is copied and the pointer is
+    one PUT, exactly the code path s3:// and gs:// take.
+    """
+    import pyarrow.fs as pafs
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(MemoryFileSystem()))
+    root = StoragePath(fs, "/bucket/out")
+    assert not root.is_local
+    output = VersionedOutput(root)
+    _publish(output, "first")
+    with pytest.raises(RuntimeError), output.writing() as staging:
+        staging.join("part-0.txt").write_text_atomic("partial")
+        raise RuntimeError("network reset")
+    _publish(output, "second")
+    current = output.current()
+    assert current is not None
+    assert current.path.join("part-0.txt").read_text() == "second"
+    assert current.path.join("sub", "part-1.txt").read_text() == "SECOND"
+    assert [p.name for p in root.list_dir() if p.name.startswith(".staging")] == []
