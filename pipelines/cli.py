@@ -1,5 +1,8 @@
 """The ``rayrec`` command line: a thin shell over typed library functions.
 
+Heavy modules (the runner pulls in MLflow, steps pull in Polars and the
+simulator) are imported inside the commands, so ``--help`` answers at once.
+
 Tests call :func:`main` in-process with an argv list. Every failure a user can
 fix ends as one line on stderr and a non-zero exit; ``--debug`` (or
 ``RAYREC_DEBUG=1``) shows the traceback instead.
@@ -21,8 +24,6 @@ from rich.table import Table
 from infra.config import RayrecConfig, load_config
 from infra.errors import RayrecError
 from infra.logs import configure_logging
-from pipelines.main import MAIN
-from pipelines.runner import list_runs, published, run_pipeline
 
 app = typer.Typer(
     name="rayrec",
@@ -58,6 +59,11 @@ def _config(preset: str, sets: list[str] | None, extra: list[str] | None = None)
 
 
 def _run(config: RayrecConfig, until: str | None, force: bool, track: bool) -> None:
+    from pipelines.main import MAIN
+    from pipelines.runner import run_pipeline
+
+    if until is not None:
+        MAIN.step(until)
     record = run_pipeline(MAIN, config, until=until, force=force, track=track)
     table = Table(title=f"run {record.run_id} ({record.status})")
     for column in ("step", "status", "seconds", "rows", "version"):
@@ -83,14 +89,15 @@ def run(
 ) -> None:
     """Run the main pipeline (all steps, or up to --until)."""
     config = _config(preset, sets)
-    if until is not None:
-        MAIN.step(until)
     _run(config, until, force, track)
 
 
 @app.command()
 def steps(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """List the main pipeline's steps in order, with their published versions."""
+    from pipelines.main import MAIN
+    from pipelines.runner import published
+
     config = _config(preset, sets)
     table = Table(title=f"pipeline {MAIN.name}")
     for column in ("step", "reads", "published", "description"):
@@ -113,6 +120,8 @@ def runs(
     limit: Annotated[int, typer.Option(help="How many runs to show.")] = 20,
 ) -> None:
     """List past runs of this workdir, newest first."""
+    from pipelines.runner import list_runs
+
     config = _config(preset, sets)
     table = Table(title=f"runs in {config.paths.workdir}")
     for column in ("run", "status", "preset", "started", "steps"):
