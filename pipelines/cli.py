@@ -27,7 +27,10 @@ from infra.logs import configure_logging
 
 app = typer.Typer(
     name="rayrec",
-    help="rayrec: recommendation and CTR prediction on Ray, from raw events to a monitored API.",
+    help=(
+        "rayrec: recommendation and CTR prediction on Ray, from raw events to a monitored API. "
+        "Errors print one line; add --debug anywhere (or set RAYREC_DEBUG=1) for the traceback."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
