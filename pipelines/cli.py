@@ -173,11 +173,14 @@ def data_download(
     base_url: Annotated[
         str | None, typer.Option(help="Mirror to download from instead of GroupLens.")
     ] = None,
+    sha256: Annotated[
+        str | None, typer.Option(help="Expected sha256 when the mirror serves a re-packed archive.")
+    ] = None,
 ) -> None:
     """Download a public dataset (pinned checksum, resumable), then print how to import it."""
     from features.sources.download import download_dataset
 
-    folder = download_dataset(name, dest, base_url=base_url)
+    folder = download_dataset(name, dest, base_url=base_url, expected_sha256=sha256)
     out.print(f"{name}: {folder}")
     out.print(f"import it with: rayrec data import movielens {folder}")
 
