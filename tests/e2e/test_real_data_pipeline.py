@@ -137,3 +137,23 @@ def test_real_movielens_100k_runs_through_validate_and_summarize(
     assert summary["active_users"] == 943 and summary["active_items"] == 1_682
     # 55,375 of the 100,000 ratings are 4 or 5 (the published CTR-style label).
     assert summary["positive_rate"] == pytest.approx(0.55375)
+
+
+@pytest.mark.parametrize(
+    ("kind", "folder", "train_rows"),
+    [("criteo", "criteo-sample", 7_200), ("avazu", "avazu-sample", 8_087)],
+)
+def test_real_ctr_samples_run_as_generic_feature_tables(
+    shared_datasets: Path, tmp_path: Path, kind: str, folder: str, train_rows: int
+) -> None:
+    sets = [
+        f"paths.workdir={tmp_path / 'wd'}",
+        f"data.source={{kind: {kind}, path: {shared_datasets / folder}}}",
+    ]
+    assert main(["run", "-p", "tiny", *_set_args(sets)]) == 0
+    config = load_config("tiny", sets, environ={})
+    counts = published(config, "validate").manifest["row_counts"]  # type: ignore[union-attr]
+    assert counts == {"examples": train_rows, "examples_quarantined": 0}
+    summary = json.loads(published(config, "summarize").path.join("summary.json").read_text())  # type: ignore[union-attr]
+    assert summary["rows"] == train_rows
+    assert 0.05 < summary["positive_rate"] < 0.5  # display-ads click rates
