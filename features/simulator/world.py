@@ -77,6 +77,13 @@ def _complex_structure(d: int, rng: np.random.Generator) -> np.ndarray:
     return q @ block @ q.T
 
 
+def _labels(prefix: str, codes: np.ndarray) -> pl.Series:
+    """Categorical codes as strings (``s0``, ``c12``), built column-wise, not per row."""
+    return pl.select(
+        pl.concat_str(pl.lit(prefix), pl.lit(pl.Series(codes)).cast(pl.String))
+    ).to_series()
+
+
 @dataclass(frozen=True)
 class _Drifts:
     """The drift schedule, drawn from the drift streams; all arrays are ground truth."""
@@ -208,7 +215,7 @@ class World:
         return pl.DataFrame(
             {
                 "user_id": np.arange(self.n_users_total, dtype=np.int64),
-                "segment": [f"s{s}" for s in self.user_segment],
+                "segment": _labels("s", self.user_segment),
                 "age_bucket": np.asarray(AGE_BUCKETS)[age],
                 "device": np.asarray(DEVICES)[device],
                 "activity": self.user_activity,
@@ -229,7 +236,7 @@ class World:
         return pl.DataFrame(
             {
                 "item_id": np.arange(self.config.n_items, dtype=np.int64),
-                "category": [f"c{k}" for k in category],
+                "category": _labels("c", category),
                 "price": price,
                 "quality": quality,
                 "first_seen": pl.Series(first_seen[self.arrival_day]).cast(TS_DTYPE),
