@@ -187,8 +187,12 @@ class ClickLogSimulator:
             assert finish is not None
             return finish(table)
 
+        chosen = list(range(self.config.n_days) if days is None else days)
+        if any(not 0 <= day < self.config.n_days for day in chosen):
+            raise ValueError(f"days must lie in 0 .. {self.config.n_days - 1}, got {chosen}")
+
         def jobs() -> Iterator[tuple[int, int, Callable[[], T]]]:
-            for day in range(self.config.n_days) if days is None else days:
+            for day in chosen:
                 schedule = self.traffic.day_schedule(day)
                 tables = self.policy.day_tables(day)  # built once, shared read-only
                 n_blocks = -(-schedule.users.size // self.requests_per_block)
