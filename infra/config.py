@@ -114,8 +114,10 @@ class SimulatorConfig(Section):
     candidate_pool: int = Field(default=30, ge=1)
     # P(examine | position p) = 1 / (1 + p) ** examine_decay, p = 0 at the top.
     examine_decay: float = Field(default=0.8, ge=0.0)
-    relevance_scale: float = Field(default=4.0, gt=0.0)
-    relevance_bias: float = -1.5
+    # Logit of relevance = scale * <u, v> + quality term + bias. These give a feed-like
+    # log on the default world: ~10% overall CTR, ~34% at the top slot, ~4% at the tenth.
+    relevance_scale: float = Field(default=3.0, gt=0.0)
+    relevance_bias: float = -5.0
     # Logit of relevance per unit of item quality (quality ~ N(0, 1)): a popularity-free
     # item effect that an item-only model can learn.
     quality_weight: float = Field(default=0.5, ge=0.0)

@@ -20,6 +20,7 @@ from features.simulator.log import DaySchedule, Traffic, click_model, make_block
 from features.simulator.policy import DayTables, LoggingPolicy, Slates
 from features.simulator.world import World, examine_probability
 from infra.config import SimulatorConfig
+from infra.logs import track
 from infra.storage import StoragePath
 
 T = TypeVar("T")
@@ -158,7 +159,8 @@ class ClickLogSimulator:
             )
             return table.num_rows
 
-        n_events = sum(rows for _, _, rows in self._tables(None, None, write_chunk))
+        chunks = track(self._tables(None, None, write_chunk), "simulate: chunks written")
+        n_events = sum(rows for _, _, rows in chunks)
         for name, frame in (("users.parquet", self.users), ("items.parquet", self.items)):
             pq.write_table(
                 frame.to_arrow(), folder.join(name).path, filesystem=folder.fs, compression=codec
