@@ -56,11 +56,11 @@ class CtrTable:
 def write_interactions(tables: InteractionTables, folder: StoragePath) -> dict[str, int]:
     """Write ``tables`` into ``folder`` (a staging folder); returns row counts."""
     folder.makedirs()
-    _write_events_by_date(tables.events, folder.join("events"))
-    _write_parquet(tables.users, folder.join("users.parquet"))
-    _write_parquet(tables.items, folder.join("items.parquet"))
+    write_events_by_date(tables.events, folder.join("events"))
+    write_table(tables.users, folder.join("users.parquet"))
+    write_table(tables.items, folder.join("items.parquet"))
     if tables.id_map is not None:
-        _write_parquet(tables.id_map, folder.join("id_map.parquet"))
+        write_table(tables.id_map, folder.join("id_map.parquet"))
     meta = {"kind": "interactions", "name": tables.name, "ts_unit": tables.ts_unit}
     folder.join(DATASET_FILE).write_text_atomic(json.dumps(meta))
     return {
@@ -73,7 +73,7 @@ def write_interactions(tables: InteractionTables, folder: StoragePath) -> dict[s
 def write_ctr_table(ctr: CtrTable, folder: StoragePath) -> dict[str, int]:
     folder.makedirs()
     folder.join("table").makedirs()
-    _write_parquet(ctr.table, folder.join("table", "part-00000.parquet"))
+    write_table(ctr.table, folder.join("table", "part-00000.parquet"))
     ctr.spec.save(folder)
     folder.join(DATASET_FILE).write_text_atomic(json.dumps({"kind": "ctr", "name": ctr.name}))
     return {"rows": ctr.table.height}
@@ -84,7 +84,11 @@ def dataset_kind(folder: StoragePath) -> dict[str, str]:
 
 
 def read_events(folder: StoragePath) -> pl.LazyFrame:
-    """All events below ``folder/events`` (hive-partitioned by date) as a LazyFrame."""
+    """All events below ``folder/events`` as a LazyFrame of the contract's columns.
+
+    The ``date=`` folders are layout, not data: the partition column is not
+    added, so the frame validates against the events contract as it is.
+    """
     return _scan(folder.join("events"))
 
 
@@ -93,24 +97,20 @@ def read_table(path: StoragePath) -> pl.DataFrame:
         return pl.read_parquet(handle)
 
 
-def _scan(folder: StoragePath) -> pl.LazyFrame:
-    files = [f for f in folder.files() if f.path.endswith(".parquet")]
-    if not files:
-        raise FileNotFoundError(f"no Parquet files below {folder.uri}")
-    if folder.is_local:
-        return pl.scan_parquet([f.path for f in files], hive_partitioning=True)
-    return pl.concat(
-        [pl.read_parquet(f.read_bytes()).lazy() for f in files], how="diagonal_relaxed"
-    )
-
-
-def _write_parquet(frame: pl.DataFrame, path: StoragePath) -> None:
+def write_table(frame: pl.DataFrame, path: StoragePath) -> None:
+    """Write one Parquet file (zstd, with statistics); its folder is created."""
+    path.fs.create_dir(path.path.rsplit("/", 1)[0], recursive=True)
     with path.fs.open_output_stream(path.path) as handle:
         frame.write_parquet(handle, compression="zstd", statistics=True)
 
 
-def _write_events_by_date(events: pl.DataFrame, folder: StoragePath) -> None:
-    """One file per UTC date; events without a valid ts go to ``date=unknown``."""
+def write_events_by_date(events: pl.DataFrame, folder: StoragePath, part: int = 0) -> None:
+    """``folder/date=YYYY-MM-DD/part-<part>.parquet`` per UTC date of ``ts``.
+
+    Raw events whose ``ts`` is not yet a timestamp (or is null) go to
+    ``date=unknown``; validation types them. Callers writing a table in several
+    parts pass a distinct ``part`` for each, so no file is overwritten.
+    """
     folder.makedirs()
     if events.is_empty():
         return
@@ -119,11 +119,20 @@ def _write_events_by_date(events: pl.DataFrame, folder: StoragePath) -> None:
         dates = ts.dt.date().cast(pl.String).fill_null("unknown")
     else:
         dates = pl.Series("date", ["unknown"] * events.height)
-    for (date,), part in (
+    for (date,), frame in (
         events.with_columns(dates.alias("__date"))
         .partition_by("__date", as_dict=True, maintain_order=True)
         .items()
     ):
-        target = folder.join(f"date={date}")
-        target.makedirs()
-        _write_parquet(part.drop("__date"), target.join("part-00000.parquet"))
+        write_table(frame.drop("__date"), folder.join(f"date={date}", f"part-{part:05d}.parquet"))
+
+
+def _scan(folder: StoragePath) -> pl.LazyFrame:
+    files = [f for f in folder.files() if f.path.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"no Parquet files below {folder.uri}")
+    if folder.is_local:
+        return pl.scan_parquet([f.path for f in files], hive_partitioning=False)
+    return pl.concat(
+        [pl.read_parquet(f.read_bytes()).lazy() for f in files], how="diagonal_relaxed"
+    )

@@ -31,7 +31,7 @@ def run_summarize(ctx: StepContext) -> StepResult:
         artifacts: tuple[str, ...] = ("summary.json",)
     else:
         summary, per_day, by_position = _summarize_interactions(data)
-        _write_bytes(ctx.output.join("events_per_day.csv"), per_day.write_csv().encode())
+        ctx.output.join("events_per_day.csv").write_text_atomic(per_day.write_csv())
         _plot(per_day, by_position, ctx.output.join("dataset_summary.png"))
         artifacts = ("summary.json", "events_per_day.csv", "dataset_summary.png")
     ctx.output.join("summary.json").write_text_atomic(json.dumps(summary, indent=2, default=str))
@@ -44,7 +44,7 @@ def run_summarize(ctx: StepContext) -> StepResult:
 
 
 def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
-    events = read_events(data).select(pl.exclude("date"))
+    events = read_events(data)
     totals = (
         events.select(
             pl.len().alias("events"),
@@ -130,11 +130,7 @@ def _plot(per_day: pl.DataFrame, by_position: pl.DataFrame, path: StoragePath) -
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    _write_bytes(path, buffer.getvalue())
-
-
-def _write_bytes(path: StoragePath, data: bytes) -> None:
-    path.write_bytes_atomic(data)
+    path.write_bytes_atomic(buffer.getvalue())
 
 
 SUMMARIZE = Step(

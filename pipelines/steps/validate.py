@@ -16,7 +16,13 @@ import json
 
 import polars as pl
 
-from features.dataset import DATASET_FILE, dataset_kind, read_table
+from features.dataset import (
+    DATASET_FILE,
+    dataset_kind,
+    read_table,
+    write_events_by_date,
+    write_table,
+)
 from features.feature_spec import FeatureSpec
 from features.schemas import EVENTS, ITEMS, USERS, contract_for_spec
 from features.validation import ValidationResult, ValidationRules, combine, validate_table
@@ -37,7 +43,10 @@ def run_validate(ctx: StepContext) -> StepResult:
     )
     for result in results:
         if result.quarantined.height:
-            _write_parquet(result.quarantined, quarantine.join(f"{result.table}.parquet"))
+            # Outside any staging folder, so written atomically in place.
+            buffer = io.BytesIO()
+            result.quarantined.write_parquet(buffer, compression="zstd")
+            quarantine.join(f"{result.table}.parquet").write_bytes_atomic(buffer.getvalue())
     bound = ctx.config.data.validation.max_bad_fraction
     for result in results:
         try:
@@ -69,10 +78,10 @@ def _validate_interactions(
 ) -> list[ValidationResult]:
     users = validate_table(read_table(raw.join("users.parquet")), USERS, rules)
     items = validate_table(read_table(raw.join("items.parquet")), ITEMS, rules)
-    _write_parquet(users.valid, out.join("users.parquet"))
-    _write_parquet(items.valid, out.join("items.parquet"))
+    write_table(users.valid, out.join("users.parquet"))
+    write_table(items.valid, out.join("items.parquet"))
     if raw.join("id_map.parquet").exists():
-        _write_parquet(read_table(raw.join("id_map.parquet")), out.join("id_map.parquet"))
+        write_table(read_table(raw.join("id_map.parquet")), out.join("id_map.parquet"))
     known = {
         "user_id": users.valid.get_column("user_id"),
         "item_id": items.valid.get_column("item_id"),
@@ -82,10 +91,8 @@ def _validate_interactions(
         raise DataValidationError(f"events: no Parquet files below {raw.join('events').uri}")
     parts = []
     for index, file in enumerate(files):
-        part = validate_table(
-            read_table(file).select(_event_columns(file)), EVENTS, rules, known_ids=known
-        )
-        _write_events(part.valid, out.join("events"), index)
+        part = validate_table(read_table(file), EVENTS, rules, known_ids=known)
+        write_events_by_date(part.valid, out.join("events"), part=index)
         # Good rows are on disk now; keep only what the report needs.
         parts.append(
             ValidationResult(
@@ -95,46 +102,15 @@ def _validate_interactions(
     return [users, items, combine(parts)]
 
 
-def _event_columns(file: StoragePath) -> list[str]:
-    # Hive partition folders (date=...) are layout, not data.
-    schema = (
-        pl.read_parquet_schema(file.local_path())
-        if file.is_local
-        else pl.read_parquet(file.read_bytes()).schema
-    )
-    return [c for c in schema if c != "date"]
-
-
 def _validate_ctr(raw: StoragePath, out: StoragePath) -> list[ValidationResult]:
     spec = FeatureSpec.load(raw)
     files = [f for f in raw.join("table").files() if f.path.endswith(".parquet")]
     table = pl.concat([read_table(f) for f in files], how="vertical_relaxed")
     result = validate_table(table, contract_for_spec(spec))
     out.join("table").makedirs()
-    _write_parquet(result.valid, out.join("table", "part-00000.parquet"))
+    write_table(result.valid, out.join("table", "part-00000.parquet"))
     spec.save(out)
     return [result]
-
-
-def _write_events(valid: pl.DataFrame, folder: StoragePath, index: int) -> None:
-    if valid.is_empty():
-        return
-    dates = valid.get_column("ts").dt.date().cast(pl.String)
-    for (date,), part in (
-        valid.with_columns(dates.alias("__date"))
-        .partition_by("__date", as_dict=True, maintain_order=True)
-        .items()
-    ):
-        _write_parquet(
-            part.drop("__date"), folder.join(f"date={date}", f"part-{index:05d}.parquet")
-        )
-
-
-def _write_parquet(frame: pl.DataFrame, path: StoragePath) -> None:
-    path.fs.create_dir(path.path.rsplit("/", 1)[0], recursive=True)
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer, compression="zstd")
-    path.write_bytes_atomic(buffer.getvalue())
 
 
 VALIDATE = Step(

@@ -288,8 +288,11 @@ def test_written_dataset_is_valid_deterministic_and_seed_dependent(tmp_path: Pat
     events = read_events(first).collect()
     assert counts == {"events": events.height, "users": 300, "items": 200}
     # Each row sits in the partition of its own UTC date.
-    assert (events["ts"].dt.date().cast(pl.String) == events["date"].cast(pl.String)).all()
-    result = validate_table(events.drop("date"), EVENTS)
+    for file in first.join("events").files():
+        folder_date = file.path.split("date=")[1].split("/")[0]
+        dates = read_table(file).get_column("ts").dt.date().cast(pl.String)
+        assert (dates == folder_date).all(), file.path
+    result = validate_table(events, EVENTS)
     assert result.quarantined.height == 0 and result.valid.height == events.height
     assert events["request_id"].filter(events["event_type"] == "impression").n_unique() == (
         config.n_days * 2000 // config.slate_size
