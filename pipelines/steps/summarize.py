@@ -69,6 +69,14 @@ def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataF
         .len()
         .collect()
         .pivot(on="event_type", index="date", values="len")
+        .join(
+            # Clicks ride on impression rows (label 1.0): count them as a series of their own.
+            impressions.group_by(pl.col("ts").dt.date().alias("date"))
+            .agg(pl.col("label").sum().cast(pl.Int64).alias("clicks"))
+            .collect(),
+            on="date",
+            how="left",
+        )
         .sort("date")
         .fill_null(0)
     )
