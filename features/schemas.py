@@ -7,7 +7,7 @@ is data, not code, so validation, docs and later drift checks read one truth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 import polars as pl
@@ -50,7 +50,6 @@ class TableContract:
     id_columns: tuple[str, ...] = ()
     # Attribute columns beyond the contract are allowed (users/items carry any).
     allow_extra: bool = True
-    required: tuple[str, ...] = field(default=())
 
     @property
     def names(self) -> list[str]:
@@ -132,29 +131,6 @@ ID_MAP = TableContract(
     ),
     allow_extra=False,
 )
-
-CONTRACTS = {c.name: c for c in (EVENTS, USERS, ITEMS, ID_MAP)}
-
-
-def empty_events() -> pl.DataFrame:
-    return pl.DataFrame(schema=EVENTS.polars_schema)
-
-
-def conform_events(frame: pl.DataFrame) -> pl.DataFrame:
-    """Add missing nullable columns as nulls, cast, and order as the contract says.
-
-    For frames built by our own sources, whose values are already valid; raw
-    input goes through :mod:`features.validation` instead.
-    """
-    out = []
-    for col in EVENTS.columns:
-        if col.name in frame.columns:
-            out.append(pl.col(col.name).cast(col.dtype))
-        elif col.nullable:
-            out.append(pl.lit(None, dtype=col.dtype).alias(col.name))
-        else:
-            raise KeyError(f"events: required column {col.name!r} is missing")
-    return frame.select(out)
 
 
 def contract_for_spec(spec: FeatureSpec, name: str = "examples") -> TableContract:

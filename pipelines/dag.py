@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from graphlib import CycleError, TopologicalSorter
 
@@ -66,10 +65,3 @@ class Pipeline:
                     needed.add(name)
                     frontier.append(self.step(name))
         return [s for s in self.order() if s.name in needed]
-
-    def __iter__(self):  # pragma: no cover - convenience
-        return iter(self.order())
-
-
-def make_pipeline(name: str, steps: Sequence[Step]) -> Pipeline:
-    return Pipeline(name, tuple(steps))
