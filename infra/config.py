@@ -231,6 +231,51 @@ class DataConfig(Section):
     validation: ValidationConfig = ValidationConfig()
 
 
+class SketchConfig(Section):
+    """Apache DataSketches sizes; memory per entity is bounded by these."""
+
+    # HLL: relative standard error ~ 1.04 / sqrt(2 ** lg_k); 10 -> ~3.3% in <= 512 B (HLL_4).
+    hll_lg_k: int = Field(default=10, ge=4, le=21)
+    # HLL_4 is the most compact serialised form (4 bits a bucket); HLL_8 updates fastest.
+    hll_type: Literal["HLL_4", "HLL_6", "HLL_8"] = "HLL_4"
+    # Count-Min: overestimate <= epsilon * N with probability 1 - delta, with
+    # width = ceil(e / epsilon) buckets and depth = ceil(ln(1 / delta)) hashes.
+    cms_epsilon: float = Field(default=1e-4, gt=0.0, lt=1.0)
+    cms_delta: float = Field(default=0.01, gt=0.0, lt=1.0)
+    cms_seed: int = 9001
+
+
+class OnlineStoreConfig(Section):
+    kind: Literal["sqlite", "redis"] = "sqlite"
+    # sqlite: a file path (None: <workdir>/online/features.sqlite); redis: redis://host:port/db.
+    url: str | None = None
+    # Seconds before a read or write gives up and the caller gets defaults.
+    timeout_s: float = Field(default=0.05, gt=0.0)
+    key_prefix: str = "rayrec"
+
+
+class FeaturesConfig(Section):
+    """Feature transforms, sketches and stores (the `features` steps)."""
+
+    engine: Literal["polars", "ray"] = "polars"
+    # Rolling windows, in whole UTC days up to the row's time (see features.aggregates).
+    windows_days: tuple[int, ...] = (1, 7, 30)
+    # Beta prior for smoothed CTR: (clicks + s * p0) / (impressions + s), p0 the global rate.
+    ctr_prior_strength: float = Field(default=20.0, ge=0.0)
+    # Length of the recent-items sequence feature (the two-tower's user history).
+    history_length: int = Field(default=20, ge=1)
+    sketches: SketchConfig = SketchConfig()
+    online_store: OnlineStoreConfig = OnlineStoreConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> FeaturesConfig:
+        if not self.windows_days or any(w < 1 for w in self.windows_days):
+            raise ValueError("windows_days must list positive day counts")
+        if list(self.windows_days) != sorted(set(self.windows_days)):
+            raise ValueError("windows_days must be increasing and distinct")
+        return self
+
+
 class PipelineConfig(Section):
     name: str = "main"
     # Published versions kept per step output (older ones are deleted).
@@ -249,6 +294,7 @@ class RayrecConfig(Section):
     logging: LoggingConfig = LoggingConfig()
     data: DataConfig = DataConfig()
     simulator: SimulatorConfig = SimulatorConfig()
+    features: FeaturesConfig = FeaturesConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
     def to_dict(self) -> dict[str, Any]:
