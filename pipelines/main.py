@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pipelines.dag import Pipeline
+from pipelines.steps.features import FEATURES
 from pipelines.steps.ingest import INGEST
 from pipelines.steps.summarize import SUMMARIZE
 from pipelines.steps.validate import VALIDATE
 
-MAIN = Pipeline("main", (INGEST, VALIDATE, SUMMARIZE))
+MAIN = Pipeline("main", (INGEST, VALIDATE, SUMMARIZE, FEATURES))
 
 PIPELINES = {MAIN.name: MAIN}

@@ -25,7 +25,7 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     args = ["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}"]
     assert main(args) == 0
     config = load_config("tiny", [f"paths.workdir={workdir}"], environ={})
-    for step in ("ingest", "validate", "summarize"):
+    for step in ("ingest", "validate", "summarize", "features"):
         assert published(config, step) is not None, step
 
     validated = published(config, "validate")
@@ -57,7 +57,7 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
 
     capsys.readouterr()
     assert main(args) == 0
-    assert [s["status"] for s in list_runs(config)[0]["steps"]] == ["skipped", "skipped", "skipped"]
+    assert {s["status"] for s in list_runs(config)[0]["steps"]} == {"skipped"}
 
 
 def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
@@ -103,3 +103,24 @@ def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
     )
     assert validated is not None
     assert validated.manifest["row_counts"]["events_quarantined"] == n_bad
+
+
+def test_features_step_publishes_the_offline_store(workdir: Path) -> None:
+    assert main(["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}", "--no-track"]) == 0
+    config = load_config("tiny", [f"paths.workdir={workdir}"], environ={})
+    features = published(config, "features")
+    assert features is not None
+    root = features.path.local_path()
+    examples = pl.read_parquet(root / "examples" / "**" / "*.parquet")
+    spec = json.loads((root / "feature_spec.json").read_text())
+    assert examples.height == features.manifest["row_counts"]["examples"]
+    # Every feature in the spec is a column of the frame, and the label is there.
+    assert {f["name"] for f in spec["features"]} <= set(examples.columns)
+    assert "label" in examples.columns
+    # Impressions are the examples of a click log; partitions follow the day of each row.
+    impressions = pl.read_parquet(
+        published(config, "validate").path.local_path() / "events" / "**" / "*.parquet"
+    )  # type: ignore[union-attr]
+    assert examples.height == impressions.filter(pl.col("event_type") == "impression").height
+    latest = pl.read_parquet(root / "latest" / "user.parquet")
+    assert latest.get_column("clicks_total").sum() == examples.get_column("label").sum()

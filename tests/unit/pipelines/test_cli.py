@@ -45,7 +45,10 @@ def test_unknown_step_is_named(capsys: pytest.CaptureFixture[str], tmp_path) -> 
     assert (
         main(["run", "-p", "tiny", "--set", f"paths.workdir={tmp_path}", "--until", "nosuch"]) == 2
     )
-    assert "has no step 'nosuch'; steps: ingest, validate, summarize" in capsys.readouterr().err
+    assert (
+        "has no step 'nosuch'; steps: ingest, validate, summarize, features"
+        in capsys.readouterr().err
+    )
 
 
 def test_usage_errors_exit_non_zero(capsys: pytest.CaptureFixture[str]) -> None:
