@@ -159,19 +159,24 @@ def entity_features(
     )
 
 
-def global_prior(events: pl.DataFrame | pl.LazyFrame, strength: float) -> CtrPrior:
-    """The log's own click rate as the prior mean (rating logs: the positive rate)."""
-    stats = (
-        _with_day(events.lazy())
-        .select(
-            pl.col("_impression").sum(), pl.col("_click").sum(), pl.len(), pl.col("_positive").sum()
-        )
-        .collect()
-        .row(0)
-    )
-    impressions, clicks, n, positives = stats
+def prior_from_buckets(buckets: pl.DataFrame, strength: float) -> CtrPrior:
+    """The log's own click rate as the prior mean (rating logs: the positive rate).
+
+    From bucket sums, so any engine that merged the same buckets gets the same prior.
+    """
+    impressions, clicks, n, positives = buckets.select(
+        pl.col("impressions").sum(),
+        pl.col("clicks").sum(),
+        pl.col("events").sum(),
+        pl.col("positives").sum(),
+    ).row(0)
     rate = clicks / impressions if impressions else (positives / n if n else 0.0)
     return CtrPrior(rate=float(rate), strength=strength)
+
+
+def global_prior(events: pl.DataFrame | pl.LazyFrame, strength: float) -> CtrPrior:
+    """:func:`prior_from_buckets` of the user buckets of ``events``."""
+    return prior_from_buckets(aggregate_events(events, "user"), strength)
 
 
 # Buckets older than the longest window fold into one row on this day: they

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from features.aggregates import CtrPrior, aggregate_events, compact, entity_features, global_prior
+from features.aggregates import (
+    CtrPrior,
+    aggregate_events,
+    compact,
+    entity_features,
+    prior_from_buckets,
+)
 from features.dataset import write_events_by_date, write_table
 from features.feature_spec import FeatureSpec
 from features.pit import as_of_rows, recent_positives_at
@@ -76,10 +82,10 @@ def build_features(
 ) -> FeatureOutputs:
     """All feature outputs of a validated interaction dataset, in one process."""
     as_of = end_of_log(events)
-    prior = global_prior(events, config.ctr_prior_strength)
     keep = max(config.windows_days)
     user_buckets = compact(aggregate_events(events, "user"), as_of, keep)
     item_buckets = compact(aggregate_events(events, "item"), as_of, keep)
+    prior = prior_from_buckets(user_buckets, config.ctr_prior_strength)
     latest_user, latest_item, history = latest_values(
         user_buckets, item_buckets, events, config, prior, as_of
     )

@@ -44,39 +44,59 @@ def example_rows(events: pl.LazyFrame) -> pl.LazyFrame:
     return events.filter(pl.col("label").is_not_null())
 
 
-def build_training_frame(
+# The canonical order of examples (ties broken by every id): both engines sort by
+# it, so their outputs can be compared row by row.
+EXAMPLE_ORDER = ("ts", "user_id", "request_id", "position", "item_id")
+
+
+def canonical_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` sorted by :data:`EXAMPLE_ORDER` (the columns it has), with ``_row``."""
+    order = [c for c in EXAMPLE_ORDER if c in rows.columns]
+    return rows.sort(order, nulls_last=True, maintain_order=True).with_row_index("_row")
+
+
+def user_side(
     rows: pl.DataFrame,
     events: pl.LazyFrame,
-    users: pl.DataFrame,
     items: pl.DataFrame,
     config: FeaturesConfig,
     prior: CtrPrior,
 ) -> pl.DataFrame:
-    """``rows`` (at least ``user_id, item_id, ts``) with point-in-time features.
+    """``_row`` + user counters, history and category affinity of ``rows``.
 
-    Output rows keep the input order. Columns: the passthrough columns present,
-    ``user_<counter>`` and ``item_<counter>`` (see :mod:`features.aggregates`),
-    ``user_history`` (``list[i64]``), ``category_affinity`` (when items have a
-    ``category``), ``item_age_days``, ``hour``, ``weekday``, ``position``, then
-    ``user_<attr>`` / ``item_<attr>`` for every static attribute.
+    Needs only the events of the rows' users, so it runs per user partition.
     """
-    missing = [c for c in ("user_id", "item_id", "ts") if c not in rows.columns]
-    if missing:
-        raise ValueError(f"training rows need column(s) {missing}; got {rows.columns}")
-    base = rows.with_row_index("_row")
-    windows = config.windows_days
     parts = [
-        _prefixed(entity_counters_at(base, events, "user", windows, prior), "user_"),
-        _prefixed(entity_counters_at(base, events, "item", windows, prior), "item_"),
-        recent_positives_at(base, events, config.history_length).rename(
+        _prefixed(entity_counters_at(rows, events, "user", config.windows_days, prior), "user_"),
+        recent_positives_at(rows, events, config.history_length).rename(
             {"history": "user_history"}
         ),
-        context_features(base),
     ]
     if "category" in items.columns:
-        parts.append(category_affinity_at(base, events, items, AFFINITY_STRENGTH))
-    frame = base.select("_row", *[c for c in PASSTHROUGH if c in rows.columns])
-    for part in parts:
+        parts.append(category_affinity_at(rows, events, items, AFFINITY_STRENGTH))
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.join(part, on="_row", how="left")
+    return out
+
+
+def item_side(
+    rows: pl.DataFrame, events: pl.LazyFrame, config: FeaturesConfig, prior: CtrPrior
+) -> pl.DataFrame:
+    """``_row`` + item counters of ``rows``; needs only the events of the rows' items."""
+    return _prefixed(entity_counters_at(rows, events, "item", config.windows_days, prior), "item_")
+
+
+def assemble(
+    rows: pl.DataFrame,
+    users_side: pl.DataFrame,
+    items_side: pl.DataFrame,
+    users: pl.DataFrame,
+    items: pl.DataFrame,
+) -> pl.DataFrame:
+    """Join both sides, context and static attributes onto ``rows`` (which has ``_row``)."""
+    frame = rows.select("_row", *[c for c in PASSTHROUGH if c in rows.columns])
+    for part in (users_side, items_side, context_features(rows)):
         frame = frame.join(part, on="_row", how="left")
     frame = frame.join(_attributes(users, "user_id", "user_"), on="user_id", how="left")
     frame = frame.join(_attributes(items, "item_id", "item_"), on="item_id", how="left")
@@ -90,6 +110,36 @@ def build_training_frame(
             (pl.col("item_seconds_since_first") / 86_400).alias("item_age_days")
         )
     return frame.sort("_row").drop("_row")
+
+
+def build_training_frame(
+    rows: pl.DataFrame,
+    events: pl.LazyFrame,
+    users: pl.DataFrame,
+    items: pl.DataFrame,
+    config: FeaturesConfig,
+    prior: CtrPrior,
+) -> pl.DataFrame:
+    """``rows`` (at least ``user_id, item_id, ts``) with point-in-time features.
+
+    Output rows come in :data:`EXAMPLE_ORDER`. Columns: the passthrough
+    columns present, ``user_<counter>`` and ``item_<counter>`` (see
+    :mod:`features.aggregates`), ``user_history`` (``list[i64]``),
+    ``category_affinity`` (when items have a ``category``), ``hour``,
+    ``weekday``, ``position``, ``user_<attr>`` / ``item_<attr>`` for every
+    static attribute, and ``item_age_days``.
+    """
+    missing = [c for c in ("user_id", "item_id", "ts") if c not in rows.columns]
+    if missing:
+        raise ValueError(f"training rows need column(s) {missing}; got {rows.columns}")
+    base = canonical_rows(rows)
+    return assemble(
+        base,
+        user_side(base, events, items, config, prior),
+        item_side(base, events, config, prior),
+        users,
+        items,
+    )
 
 
 def _prefixed(frame: pl.DataFrame, prefix: str) -> pl.DataFrame:
