@@ -38,7 +38,11 @@ data_app = typer.Typer(
     help="Bring data in: simulate, import, download, validate.", no_args_is_help=True
 )
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+features_app = typer.Typer(
+    help="Feature pipelines: offline store and online store.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
 app.add_typer(config_app, name="config")
 
 out = Console()
@@ -183,6 +187,18 @@ def data_download(
     folder = download_dataset(name, dest, base_url=base_url, expected_sha256=sha256)
     out.print(f"{name}: {folder}")
     out.print(f"import it with: rayrec data import movielens {folder}")
+
+
+@features_app.command("build")
+def features_build(
+    engine: Annotated[str, typer.Option(help="polars (one machine) or ray (Ray Data).")] = "polars",
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    force: bool = False,
+) -> None:
+    """Build point-in-time training examples, buckets and latest vectors (publishes atomically)."""
+    config = _config(preset, sets, [f"features.engine={engine}"])
+    _run(config, "features", force, track=True)
 
 
 @config_app.command("show")

@@ -26,7 +26,9 @@ def run_features(ctx: StepContext) -> StepResult:
     items = read_table(data.join("items.parquet"))
     if config.engine == "ray":
         from features.ray_engine import build_features_on_ray
+        from infra.ray_runtime import ensure_ray
 
+        ensure_ray(ctx.config.ray)
         outputs = build_features_on_ray(data, users, items, config)
     else:
         outputs = build_features(events, users, items, config)

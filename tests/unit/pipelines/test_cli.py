@@ -18,6 +18,8 @@ COMMANDS = [
     ["data", "download"],
     ["data", "validate"],
     ["config", "show"],
+    ["features"],
+    ["features", "build"],
 ]
 
 
