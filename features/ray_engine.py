@@ -65,6 +65,27 @@ def _side_of_partition(
     return rows.select("_row", *keys).join(features, on="_row").drop("_row").to_arrow()
 
 
+def aggregate_on_ray(events_ds: ray.data.Dataset) -> dict[str, pl.DataFrame]:
+    """User and item day buckets: :func:`aggregate_events` per block, merged on the driver.
+
+    Blocks arrive as Arrow tables and leave as (much smaller) Arrow bucket
+    tables; no Python runs per row.
+    """
+    buckets = {}
+    for entity in ("user", "item"):
+        per_block = events_ds.map_batches(
+            _buckets_of_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"entity": entity}
+        )
+        buckets[entity] = merge_aggregates(_collect(per_block))
+    return buckets
+
+
+def read_events_dataset(data: StoragePath) -> ray.data.Dataset:
+    """The validated events of a dataset folder as a Ray Dataset (one read task per file)."""
+    files = [f.path for f in data.join("events").files() if f.path.endswith(".parquet")]
+    return ray.data.read_parquet(files, filesystem=None if data.is_local else data.fs)
+
+
 def _collect(ds: ray.data.Dataset) -> pl.DataFrame:
     tables = [pl.from_arrow(t) for t in ray.get(ds.to_arrow_refs())]
     frames = [t for t in tables if isinstance(t, pl.DataFrame) and t.height]
@@ -99,19 +120,15 @@ def _build(
 ) -> FeatureOutputs:
     if not ray.is_initialized():
         raise RuntimeError("the ray engine needs Ray started (infra.ray_runtime.ensure_ray)")
-    files = [f.path for f in data.join("events").files() if f.path.endswith(".parquet")]
-    events_ds = ray.data.read_parquet(files, filesystem=data.fs if not data.is_local else None)
+    events_ds = read_events_dataset(data)
     parts = partitions or max(2, int(ray.cluster_resources().get("CPU", 2)))
     events = read_events(data)
     as_of = end_of_log(events)
     keep = max(config.windows_days)
 
-    buckets = {}
-    for entity in ("user", "item"):
-        per_block = events_ds.map_batches(
-            _buckets_of_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"entity": entity}
-        )
-        buckets[entity] = compact(merge_aggregates(_collect(per_block)), as_of, keep)
+    buckets = {
+        entity: compact(table, as_of, keep) for entity, table in aggregate_on_ray(events_ds).items()
+    }
     prior = prior_from_buckets(buckets["user"], config.ctr_prior_strength)
 
     sides = {}
