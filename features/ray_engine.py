@@ -19,6 +19,7 @@ import ray.data
 from ray.data.context import DataContext, ShuffleStrategy
 
 from features.aggregates import (
+    ENTITY_KEYS,
     CtrPrior,
     aggregate_events,
     compact,
@@ -40,8 +41,16 @@ from infra.config import FeaturesConfig
 from infra.storage import StoragePath
 
 
-def _buckets_of_block(block: pa.Table, entity: str) -> pa.Table:
-    return aggregate_events(pl.from_arrow(block), entity).to_arrow()  # type: ignore[arg-type]
+def _buckets_of_block(block: pa.Table) -> pa.Table:
+    """User and item buckets of one block in one table (``entity`` + ``id``): one pass, one task."""
+    events = pl.from_arrow(block)
+    parts = [
+        aggregate_events(events, entity)
+        .rename({key: "id"})
+        .with_columns(pl.lit(entity).alias("entity"))  # type: ignore[arg-type]
+        for entity, key in ENTITY_KEYS.items()
+    ]
+    return pl.concat(parts).to_arrow()
 
 
 def _with_partition(block: pa.Table, key: str, partitions: int) -> pa.Table:
@@ -69,14 +78,15 @@ def aggregate_on_ray(events_ds: ray.data.Dataset) -> dict[str, pl.DataFrame]:
     """User and item day buckets: :func:`aggregate_events` per block, merged on the driver.
 
     Blocks arrive as Arrow tables and leave as (much smaller) Arrow bucket
-    tables; no Python runs per row.
+    tables; no Python runs per row, and both entities share one pass.
     """
+    per_block = _collect(
+        events_ds.map_batches(_buckets_of_block, batch_format="pyarrow", batch_size=None)
+    )
     buckets = {}
-    for entity in ("user", "item"):
-        per_block = events_ds.map_batches(
-            _buckets_of_block, batch_format="pyarrow", batch_size=None, fn_kwargs={"entity": entity}
-        )
-        buckets[entity] = merge_aggregates(_collect(per_block))
+    for entity, key in ENTITY_KEYS.items():
+        mine = per_block.filter(pl.col("entity") == entity).drop("entity").rename({"id": key})
+        buckets[entity] = merge_aggregates(mine)
     return buckets
 
 
