@@ -69,9 +69,9 @@ def polars_engine(data: StoragePath) -> dict[str, pl.DataFrame]:
 
 
 def ray_engine(data: StoragePath) -> dict[str, pl.DataFrame]:
-    from features.ray_engine import aggregate_on_ray, read_events_dataset
+    from features.ray_engine import aggregate_on_ray, event_files
 
-    buckets = aggregate_on_ray(read_events_dataset(data))
+    buckets = aggregate_on_ray(event_files(data))
     as_of = end_of_log(read_events(data))
     prior = prior_from_buckets(buckets["user"], STRENGTH)
     return {e: entity_features(b, as_of, WINDOWS, prior) for e, b in buckets.items()}
