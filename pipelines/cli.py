@@ -201,6 +201,17 @@ def features_build(
     _run(config, "features", force, track=True)
 
 
+@features_app.command("materialize")
+def features_materialize(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Load again even when the store is current.")] = False,
+) -> None:
+    """Load the latest feature values into the online store (SQLite or Redis, by config)."""
+    config = _config(preset, sets)
+    _run(config, "materialize", force, track=True)
+
+
 @config_app.command("show")
 def config_show(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """Print the fully resolved configuration as YAML."""

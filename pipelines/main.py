@@ -5,9 +5,10 @@ from __future__ import annotations
 from pipelines.dag import Pipeline
 from pipelines.steps.features import FEATURES
 from pipelines.steps.ingest import INGEST
+from pipelines.steps.materialize import MATERIALIZE
 from pipelines.steps.summarize import SUMMARIZE
 from pipelines.steps.validate import VALIDATE
 
-MAIN = Pipeline("main", (INGEST, VALIDATE, SUMMARIZE, FEATURES))
+MAIN = Pipeline("main", (INGEST, VALIDATE, SUMMARIZE, FEATURES, MATERIALIZE))
 
 PIPELINES = {MAIN.name: MAIN}

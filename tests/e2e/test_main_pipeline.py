@@ -124,3 +124,28 @@ def test_features_step_publishes_the_offline_store(workdir: Path) -> None:
     assert examples.height == impressions.filter(pl.col("event_type") == "impression").height
     latest = pl.read_parquet(root / "latest" / "user.parquet")
     assert latest.get_column("clicks_total").sum() == examples.get_column("label").sum()
+
+
+def test_materialize_serves_the_batch_values_from_the_online_store(workdir: Path) -> None:
+    from features.online_store import make_online_store
+
+    assert main(["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}", "--no-track"]) == 0
+    config = load_config("tiny", [f"paths.workdir={workdir}"], environ={})
+    latest = published(config, "features").path.join("latest")  # type: ignore[union-attr]
+    users = pl.read_parquet(latest.join("user.parquet").local_path())
+    history = pl.read_parquet(latest.join("history.parquet").local_path())
+    store = make_online_store(config.features, workdir)
+    try:
+        busiest = users.sort("events_total", descending=True).row(0, named=True)
+        read = store.read_user(busiest["user_id"])
+        assert read.found and not read.degraded
+        for name in ("events_7d", "clicks_total", "impressions_total", "ctr_smoothed"):
+            assert read.values[name] == busiest[name], name
+        expected_history = history.filter(pl.col("user_id") == busiest["user_id"]).get_column(
+            "history"
+        )[0]
+        assert store.read_history(busiest["user_id"]) == expected_history.to_list()
+        unknown = store.read_user(10**9)
+        assert not unknown.found and unknown.values["clicks_total"] == 0
+    finally:
+        store.close()

@@ -20,6 +20,7 @@ COMMANDS = [
     ["config", "show"],
     ["features"],
     ["features", "build"],
+    ["features", "materialize"],
 ]
 
 
@@ -48,7 +49,7 @@ def test_unknown_step_is_named(capsys: pytest.CaptureFixture[str], tmp_path) -> 
         main(["run", "-p", "tiny", "--set", f"paths.workdir={tmp_path}", "--until", "nosuch"]) == 2
     )
     assert (
-        "has no step 'nosuch'; steps: ingest, validate, summarize, features"
+        "has no step 'nosuch'; steps: ingest, validate, summarize, features, materialize"
         in capsys.readouterr().err
     )
 
