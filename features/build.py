@@ -11,6 +11,10 @@ block and merges. Outputs (see :func:`write_feature_outputs`)::
     latest/user.parquet, latest/item.parquet      feature vectors at the log's end
     latest/history.parquet                        each user's recent positive items
     prior.json                                    the smoothing prior (global rate)
+    sketches/user_diversity.parquet               HLL of distinct items per user (+ estimate)
+    sketches/item_reach.parquet                   HLL of distinct users per item (+ estimate)
+    sketches/dau.parquet                          HLL of distinct users per UTC day (+ estimate)
+    sketches/item_frequency.parquet               Count-Min of item frequency per UTC day
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from features.aggregates import (
 from features.dataset import write_events_by_date, write_table
 from features.feature_spec import FeatureSpec
 from features.pit import as_of_rows, recent_positives_at
+from features.sketches import SketchTables, build_sketch_tables, sketch_memory
 from features.training_frame import build_training_frame, describe_frame, example_rows
 from infra.config import FeaturesConfig
 from infra.storage import StoragePath
@@ -49,6 +54,7 @@ class FeatureOutputs:
     history: pl.DataFrame
     prior: CtrPrior
     as_of: dt.datetime
+    sketches: SketchTables
 
 
 def end_of_log(events: pl.LazyFrame) -> dt.datetime:
@@ -92,8 +98,20 @@ def build_features(
     rows = example_rows(events).collect()
     examples = build_training_frame(rows, events, users, items, config, prior)
     spec = describe_frame(examples, config, users.height, items.height)
+    sketches = build_sketch_tables(
+        events.select("user_id", "item_id", "ts").collect(), config.sketches
+    )
     return FeatureOutputs(
-        examples, spec, user_buckets, item_buckets, latest_user, latest_item, history, prior, as_of
+        examples,
+        spec,
+        user_buckets,
+        item_buckets,
+        latest_user,
+        latest_item,
+        history,
+        prior,
+        as_of,
+        sketches,
     )
 
 
@@ -109,6 +127,8 @@ def write_feature_outputs(outputs: FeatureOutputs, folder: StoragePath) -> dict[
         ("latest/history.parquet", outputs.history),
     ):
         write_table(frame, folder.join(name))
+    for name, frame in outputs.sketches.as_dict().items():
+        write_table(frame, folder.join("sketches", f"{name}.parquet"))
     folder.join("prior.json").write_text_atomic(
         json.dumps(
             {
@@ -144,4 +164,20 @@ def feature_summary(outputs: FeatureOutputs) -> dict[str, float]:
         "mean_history_length": float(
             outputs.history.get_column("history").list.len().mean() or 0.0
         ),
+        **sketch_summary(outputs.sketches),
+    }
+
+
+def sketch_summary(sketches: SketchTables) -> dict[str, float]:
+    """Memory per entity (bounded by the sketch sizes) and the headline estimates."""
+    users = sketch_memory(sketches.user_diversity, "items_hll")
+    items = sketch_memory(sketches.item_reach, "users_hll")
+    days = sketch_memory(sketches.item_frequency, "cms")
+    return {
+        "hll_bytes_per_user_mean": users.mean_bytes,
+        "hll_bytes_per_user_max": float(users.max_bytes),
+        "hll_bytes_per_item_mean": items.mean_bytes,
+        "hll_bytes_per_item_max": float(items.max_bytes),
+        "cms_bytes_per_day": days.mean_bytes,
+        "dau_estimate_mean": float(sketches.dau.get_column("dau_estimate").mean() or 0.0),
     }

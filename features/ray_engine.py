@@ -12,6 +12,8 @@ engine's exactly (a test).
 
 from __future__ import annotations
 
+import io
+
 import polars as pl
 import pyarrow as pa
 import ray
@@ -28,6 +30,7 @@ from features.aggregates import (
 )
 from features.build import FeatureOutputs, end_of_log, latest_values
 from features.dataset import read_events
+from features.sketches import SketchTables, build_sketch_tables, merge_sketch_tables
 from features.training_frame import (
     EXAMPLE_ORDER,
     assemble,
@@ -37,7 +40,7 @@ from features.training_frame import (
     item_side,
     user_side,
 )
-from infra.config import FeaturesConfig
+from infra.config import FeaturesConfig, SketchConfig
 from infra.storage import StoragePath
 
 
@@ -57,6 +60,39 @@ def _buckets_of_files(batch: pa.Table) -> pa.Table:
             for entity, key in ENTITY_KEYS.items()
         )
     return pl.concat(parts).to_arrow()
+
+
+def _sketches_of_files(batch: pa.Table, config: SketchConfig) -> pa.Table:
+    """Sketch tables of the files in ``batch["path"]``, as rows ``[name, ipc]`` (Arrow IPC bytes)."""
+    names, blobs = [], []
+    for path in batch.column("path").to_pylist():
+        tables = build_sketch_tables(
+            pl.read_parquet(path, columns=["user_id", "item_id", "ts"]), config
+        )
+        for name, frame in tables.as_dict().items():
+            sink = io.BytesIO()
+            frame.write_ipc(sink)
+            names.append(name)
+            blobs.append(sink.getvalue())
+    return pa.table({"name": names, "ipc": pa.array(blobs, type=pa.binary())})
+
+
+def sketches_on_ray(files: list[str], config: SketchConfig) -> SketchTables:
+    """Sketches built per Parquet partition by Ray Data, merged on the driver (the reduce)."""
+    paths = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    rows = _collect(
+        paths.map_batches(
+            _sketches_of_files, batch_format="pyarrow", batch_size=1, fn_kwargs={"config": config}
+        )
+    )
+    per_file: dict[str, list[pl.DataFrame]] = {name: [] for name in SketchTables.NAMES}
+    for name, blob in rows.iter_rows():
+        per_file[name].append(pl.read_ipc(io.BytesIO(blob)))
+    parts = [
+        SketchTables(*(per_file[name][i] for name in SketchTables.NAMES))
+        for i in range(len(per_file["dau"]))
+    ]
+    return merge_sketch_tables(parts, config)
 
 
 def _with_partition(block: pa.Table, key: str, partitions: int) -> pa.Table:
@@ -187,6 +223,7 @@ def _build(
         buckets["user"], buckets["item"], events, config, prior, as_of
     )
     spec = describe_frame(examples, config, users.height, items.height)
+    sketches = sketches_on_ray(event_files(data), config.sketches)
     return FeatureOutputs(
         examples,
         spec,
@@ -197,4 +234,5 @@ def _build(
         history,
         prior,
         as_of,
+        sketches,
     )

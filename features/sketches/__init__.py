@@ -43,12 +43,15 @@ from features.sketches.hll import (
     update_hll,
     user_diversity,
 )
+from features.sketches.tables import SketchTables, build_sketch_tables, merge_sketch_tables
 
 __all__ = [
     "CmsConfig",
     "HllConfig",
     "SketchMemory",
+    "SketchTables",
     "TopItems",
+    "build_sketch_tables",
     "cms_by_day",
     "cms_error_bound",
     "cms_estimates",
@@ -64,6 +67,7 @@ __all__ = [
     "merge_cms_many",
     "merge_hll",
     "merge_hll_columns",
+    "merge_sketch_tables",
     "sketch_memory",
     "top_items",
     "update_hll",

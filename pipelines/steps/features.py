@@ -77,6 +77,7 @@ FEATURES = Step(
         "features.pit",
         "features.training_frame",
         "features.build",
+        "features.sketches",
         "pipelines.steps.features",
     ),
 )
