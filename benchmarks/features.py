@@ -144,13 +144,43 @@ def check_equal(ours: dict[str, pl.DataFrame], theirs: dict[str, pl.DataFrame], 
 
 
 def sketch_accuracy(data: StoragePath) -> dict[str, float]:
-    try:
-        from features import sketches  # noqa: F401
-    except ImportError:
-        return {}
-    from features.sketches_bench import measure  # type: ignore[import-not-found]
+    """HLL and Count-Min against exact counts on the same events.
 
-    return measure(read_events(data).collect())
+    HLL: distinct users per UTC day (DAU; thousands per day, the dense regime
+    where the 1.04/sqrt(2^lgK) bound applies), the worst day's relative error.
+    Count-Min: item frequencies over the whole log; it may overestimate by at
+    most epsilon * N (with probability 1 - delta) and must never underestimate.
+    """
+    from features.sketches import (
+        CmsConfig,
+        HllConfig,
+        cms_estimates,
+        cms_from_events,
+        daily_active_users,
+        hll_relative_standard_error,
+    )
+
+    settings = load_config("default", environ={}).features.sketches
+    events = read_events(data).select("user_id", "item_id", "ts").collect()
+    dau = daily_active_users(events, HllConfig.from_settings(settings))
+    exact_dau = events.group_by(pl.col("ts").dt.date().alias("day")).agg(
+        pl.col("user_id").n_unique().alias("exact")
+    )
+    joined = dau.join(exact_dau, on="day")
+    hll_errors = ((joined["dau_estimate"] - joined["exact"]).abs() / joined["exact"]).to_numpy()
+    cms_config = CmsConfig.from_settings(settings)
+    exact = events.group_by("item_id").len()
+    estimates = cms_estimates(cms_from_events(events, cms_config), exact["item_id"].to_numpy())
+    over = estimates - exact["len"].to_numpy()
+    bound = settings.cms_epsilon * events.height
+    return {
+        "hll_rel_error": float(hll_errors.max()),
+        "hll_rel_error_median": float(np.median(hll_errors)),
+        "hll_rel_error_bound": 3 * hll_relative_standard_error(settings.hll_lg_k),
+        "cms_underestimates": float((over < 0).sum()),
+        "cms_max_overestimate": float(over.max()),
+        "cms_max_overestimate_ratio": float(over.max() / bound),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
