@@ -19,6 +19,7 @@ from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec, Nor
 from features.pit import (
     category_affinity_at,
     context_features,
+    distinct_counts_at,
     entity_counters_at,
     recent_positives_at,
 )
@@ -68,6 +69,9 @@ def user_side(
     """
     parts = [
         _prefixed(entity_counters_at(rows, events, "user", config.windows_days, prior), "user_"),
+        distinct_counts_at(rows, events, "user_id", "item_id").rename(
+            {"distinct": "user_distinct_items"}
+        ),
         recent_positives_at(rows, events, config.history_length).rename(
             {"history": "user_history"}
         ),
@@ -83,8 +87,12 @@ def user_side(
 def item_side(
     rows: pl.DataFrame, events: pl.LazyFrame, config: FeaturesConfig, prior: CtrPrior
 ) -> pl.DataFrame:
-    """``_row`` + item counters of ``rows``; needs only the events of the rows' items."""
-    return _prefixed(entity_counters_at(rows, events, "item", config.windows_days, prior), "item_")
+    """``_row`` + item counters and reach of ``rows``; needs only the events of the rows' items."""
+    counters = _prefixed(
+        entity_counters_at(rows, events, "item", config.windows_days, prior), "item_"
+    )
+    reach = distinct_counts_at(rows, events, "item_id", "user_id")
+    return counters.join(reach.rename({"distinct": "item_distinct_users"}), on="_row", how="left")
 
 
 def assemble(
@@ -238,7 +246,7 @@ def describe_frame(
 
 
 _COUNTER = re.compile(
-    r"^(events|impressions|clicks|positives)_(\d+d|total)$|^seconds_since_|^age_days$"
+    r"^(events|impressions|clicks|positives)_(\d+d|total)$|^seconds_since_|^age_days$|^distinct_"
 )
 
 

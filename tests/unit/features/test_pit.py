@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from features.aggregates import CtrPrior, aggregate_events, entity_features
-from features.pit import as_of_rows, entity_counters_at, recent_positives_at
+from features.pit import as_of_rows, distinct_counts_at, entity_counters_at, recent_positives_at
 from features.schemas import TS_DTYPE
 from features.training_frame import build_training_frame
 from infra.config import FeaturesConfig
@@ -57,6 +57,7 @@ def _brute_force(
     out["events_total"] = seen.height
     out["impressions_total"] = seen.filter(impression).height
     out["clicks_total"] = seen.filter(click).height
+    out["distinct"] = seen.get_column("item_id").n_unique()
     positives = seen.filter(positive).sort("ts", "order")
     out["history"] = positives.get_column("item_id").tail(CONFIG.history_length).to_list()
     return out
@@ -68,7 +69,13 @@ def test_rows_see_only_events_strictly_before_them(events: pl.DataFrame) -> None
     rows = events.select("user_id", "item_id", "ts").with_row_index("_row")
     counters = entity_counters_at(rows, events.lazy(), "user", CONFIG.windows_days, PRIOR)
     history = recent_positives_at(rows, events.lazy(), CONFIG.history_length)
-    got = rows.join(counters, on="_row").join(history, on="_row").sort("_row")
+    distinct = distinct_counts_at(rows, events.lazy(), "user_id", "item_id")
+    got = (
+        rows.join(counters, on="_row")
+        .join(history, on="_row")
+        .join(distinct, on="_row")
+        .sort("_row")
+    )
     for row in got.iter_rows(named=True):
         expected = _brute_force(events, row["user_id"], row["ts"], CONFIG.windows_days)
         for name, value in expected.items():
