@@ -35,6 +35,7 @@ from features.aggregates import (
 from features.dataset import write_events_by_date, write_table
 from features.feature_spec import FeatureSpec
 from features.pit import as_of_rows, recent_positives_at
+from features.schemas import EVENTS, check_schema
 from features.sketches import SketchTables, build_sketch_tables, sketch_memory
 from features.training_frame import build_training_frame, describe_frame, example_rows
 from infra.config import FeaturesConfig
@@ -87,6 +88,7 @@ def build_features(
     events: pl.LazyFrame, users: pl.DataFrame, items: pl.DataFrame, config: FeaturesConfig
 ) -> FeatureOutputs:
     """All feature outputs of a validated interaction dataset, in one process."""
+    check_schema(events.collect_schema(), EVENTS, "features: events")
     as_of = end_of_log(events)
     keep = max(config.windows_days)
     user_buckets = compact(aggregate_events(events, "user"), as_of, keep)

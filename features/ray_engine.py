@@ -30,6 +30,7 @@ from features.aggregates import (
 )
 from features.build import FeatureOutputs, end_of_log, latest_values
 from features.dataset import read_events
+from features.schemas import EVENTS, check_schema
 from features.sketches import SketchTables, build_sketch_tables, merge_sketch_tables
 from features.training_frame import (
     EXAMPLE_ORDER,
@@ -183,9 +184,10 @@ def _build(
 ) -> FeatureOutputs:
     if not ray.is_initialized():
         raise RuntimeError("the ray engine needs Ray started (infra.ray_runtime.ensure_ray)")
+    events = read_events(data)
+    check_schema(events.collect_schema(), EVENTS, "features: events")
     events_ds = read_events_dataset(data)
     parts = partitions or max(2, int(ray.cluster_resources().get("CPU", 2)))
-    events = read_events(data)
     as_of = end_of_log(events)
     keep = max(config.windows_days)
 

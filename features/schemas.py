@@ -13,6 +13,7 @@ from enum import StrEnum
 import polars as pl
 
 from features.feature_spec import FeatureKind, FeatureSpec
+from infra.errors import DataValidationError
 
 TS_DTYPE = pl.Datetime("us", "UTC")
 
@@ -152,3 +153,23 @@ def contract_for_spec(spec: FeatureSpec, name: str = "examples") -> TableContrac
         elif feature.kind == FeatureKind.NUMERIC:
             columns.append(ColumnContract(feature.name, pl.Float64(), nullable=True))
     return TableContract(name=name, columns=tuple(columns))
+
+
+def check_schema(schema: pl.Schema, contract: TableContract, where: str) -> None:
+    """Raise naming the first column that is missing or of the wrong type.
+
+    For already-validated tables read back from storage: a mismatch means the
+    data was written by something else (or an older version), so stop before
+    anything is computed or published.
+    """
+    for column in contract.columns:
+        if column.name not in schema:
+            if column.nullable:
+                continue
+            raise DataValidationError(
+                f"{where}: column {column.name!r} is missing (expected {column.dtype}); found {list(schema)}"
+            )
+        if schema[column.name] != column.dtype:
+            raise DataValidationError(
+                f"{where}: column {column.name!r} has type {schema[column.name]}, expected {column.dtype}"
+            )

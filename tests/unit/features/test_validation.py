@@ -182,3 +182,16 @@ def test_feature_spec_rejects_inconsistent_features() -> None:
     with pytest.raises(ValueError, match="duplicate feature names"):
         FeatureSpec(features=(f, f))
     assert f.cardinality == 1000
+
+
+def test_schema_check_names_the_column_and_the_expected_type() -> None:
+    from features.schemas import check_schema
+
+    good = EVENTS.polars_schema
+    check_schema(good, EVENTS, "features: events")
+    wrong = pl.Schema({**dict(good), "label": pl.String()})
+    with pytest.raises(DataValidationError, match="column 'label' has type String, expected Float64"):
+        check_schema(wrong, EVENTS, "features: events")
+    missing = pl.Schema({k: v for k, v in good.items() if k != "ts"})
+    with pytest.raises(DataValidationError, match="column 'ts' is missing"):
+        check_schema(missing, EVENTS, "features: events")
