@@ -190,7 +190,9 @@ def test_schema_check_names_the_column_and_the_expected_type() -> None:
     good = EVENTS.polars_schema
     check_schema(good, EVENTS, "features: events")
     wrong = pl.Schema({**dict(good), "label": pl.String()})
-    with pytest.raises(DataValidationError, match="column 'label' has type String, expected Float64"):
+    with pytest.raises(
+        DataValidationError, match="column 'label' has type String, expected Float64"
+    ):
         check_schema(wrong, EVENTS, "features: events")
     missing = pl.Schema({k: v for k, v in good.items() if k != "ts"})
     with pytest.raises(DataValidationError, match="column 'ts' is missing"):
