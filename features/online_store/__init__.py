@@ -4,12 +4,17 @@ One interface (:class:`OnlineStore`), two real backends chosen by
 ``features.online_store.kind``: ``sqlite`` (default: one WAL file, no server)
 and ``redis`` (production). Both keep, per entity, its compacted day buckets,
 its feature vector as of its last write and (users) its recent positive items,
-and update them with the batch path's own functions (see :mod:`.state`)::
+and update them with the batch path's own functions (see :mod:`.state`). They
+also keep the sketches (:mod:`.sketch_state`): an HLL per user (distinct
+items) and per item (distinct users), and a Count-Min of item frequency per
+UTC day (store-wide, the longest window's days, ~1.1 MB a day at the default
+epsilon); vectors carry ``distinct_items`` / ``distinct_users`` and
+``popularity_cms_{w}d``::
 
     store = make_online_store(config.features, workdir)
-    store.materialize(user_buckets, item_buckets, history, prior, as_of)  # batch
-    store.apply_events(events)                                           # stream
-    store.refresh(as_of)                                                 # daily roll-over
+    store.materialize(user_buckets, item_buckets, history, prior, as_of, sketches)  # batch
+    store.apply_events(events)                                                     # stream
+    store.refresh(as_of)                                                # daily roll-over
     store.read_user(user_id).values; store.read_items(ids); store.read_history(user_id)
 
 Reads are key lookups that return values as of the entity's last write or

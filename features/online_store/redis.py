@@ -2,8 +2,10 @@
 
 Keys (``P`` = ``key_prefix``): ``P:u:<user_id>`` and ``P:i:<item_id>``,
 hashes with fields ``v`` (vector), ``s`` (buckets) and, for users, ``h``
-(history); ``P:meta`` a string (prior, clock, layout). Blobs as in
-:mod:`.state`. A single Redis (or a primary with replicas); on Redis Cluster
+(history); ``P:cms:<day>`` strings, the Count-Min of item frequency of a UTC
+day (days since 1970-01-01, ~1.1 MB each at the default epsilon, the longest
+window's days only; :mod:`.sketch_state`); ``P:meta`` a string (prior,
+clock, stored days, layout). Blobs as in :mod:`.state`. A single Redis (or a primary with replicas); on Redis Cluster
 the multi-key transactions would need the keys in one hash slot.
 
 Reads are one round trip each: a cached Lua script (``EVALSHA``) that does
@@ -14,11 +16,12 @@ connection reconnects on the next read (redis-py) and a dead server costs a
 read at most ~``2 * timeout_s`` before it returns defaults marked degraded.
 
 Writes: ``apply_events``/``refresh`` run optimistically: ``WATCH`` the touched
-keys and the meta, read them with one ``EVAL``, compute, then ``MULTI``/
+keys, the day sketches of the batch's days and the meta, read them with one
+``EVAL``, compute, then ``MULTI``/
 ``EXEC`` the new records; a concurrent write to any of those keys makes
 ``EXEC`` fail and the update is recomputed (up to :data:`MAX_ATTEMPTS`).
-``materialize`` writes ``MULTI``/``EXEC`` chunks (each entity whole), the meta
-last.
+``materialize`` writes ``MULTI``/``EXEC`` chunks (each entity whole), then the
+day sketches, the meta last.
 """
 
 from __future__ import annotations
@@ -59,10 +62,13 @@ local out = {redis.call('GET', KEYS[1])}
 for i = 2, #KEYS do out[i] = redis.call('HGET', KEYS[i], 'v') end
 return out
 """
-# KEYS[1] the meta, KEYS[2..] entity hashes: the meta and each (s, h), one round trip.
+# KEYS[1] the meta, KEYS[2..ARGV[1]+1] entity hashes, then day-sketch strings: the meta,
+# each entity's (s, h) and each day's sketch, one round trip.
 _READ_STATES = """
 local out = {redis.call('GET', KEYS[1])}
-for i = 2, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 's', 'h') end
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do out[i] = redis.call('HMGET', KEYS[i], 's', 'h') end
+for i = n + 2, #KEYS do out[i] = redis.call('GET', KEYS[i]) end
 return out
 """
 
@@ -77,6 +83,7 @@ class RedisOnlineStore(OnlineStore):
         self.url = url or store.url or DEFAULT_URL
         self.prefix = store.key_prefix
         self._meta_key = f"{self.prefix}:meta"
+        self._cms_pattern = re.compile(rf"^{re.escape(self.prefix)}:cms:(-?\d+)$".encode())
         self._id_pattern = {
             entity: re.compile(rf"^{re.escape(self.prefix)}:{tag}:(\d+)$".encode())
             for entity, tag in _TAGS.items()
@@ -103,6 +110,9 @@ class RedisOnlineStore(OnlineStore):
 
     def _key(self, entity: str, entity_id: int) -> str:
         return f"{self.prefix}:{_TAGS[entity]}:{entity_id}"
+
+    def _cms_key(self, day: int) -> str:
+        return f"{self.prefix}:cms:{day}"
 
     # ------------------------------------------------------------------ reads
 
@@ -140,20 +150,24 @@ class RedisOnlineStore(OnlineStore):
 
     # ------------------------------------------------------------------ writes
 
-    def _transact(self, ids: dict[str, list[int]], update: Update) -> None:
+    def _transact(
+        self, ids: dict[str, list[int]], update: Update, days: Sequence[int] = ()
+    ) -> None:
         keys = [(entity, i, self._key(entity, i)) for entity, group in ids.items() for i in group]
+        day_keys = [self._cms_key(d) for d in days]
+        watched = [self._meta_key, *[k for _, _, k in keys], *day_keys]
         with self._writes.pipeline(transaction=True) as pipe:
             for _ in range(MAX_ATTEMPTS):
                 try:
-                    pipe.watch(self._meta_key, *[k for _, _, k in keys])
-                    raw = pipe.eval(
-                        _READ_STATES, len(keys) + 1, self._meta_key, *[k for _, _, k in keys]
-                    )
+                    pipe.watch(*watched)
+                    raw = pipe.eval(_READ_STATES, len(watched), *watched, len(keys))
                     snapshot = Snapshot(states={e: {} for e in ids}, histories={}, meta=raw[0])
-                    for (entity, i, _), (s, h) in zip(keys, raw[1:], strict=True):
+                    entity_raw = raw[1 : len(keys) + 1]
+                    for (entity, i, _), (s, h) in zip(keys, entity_raw, strict=True):
                         snapshot.states[entity][i] = s
                         if entity == "user":
                             snapshot.histories[i] = h
+                    snapshot.cms = dict(zip(days, raw[len(keys) + 1 :], strict=True))
                     writes = update(snapshot)
                     pipe.multi()
                     self._queue(pipe, writes)
@@ -170,6 +184,11 @@ class RedisOnlineStore(OnlineStore):
             for i, v, s, h in records:
                 fields = {"v": v, "s": s} if h is None else {"v": v, "s": s, "h": h}
                 pipe.hset(self._key(entity, i), mapping=fields)
+        for day, cms in sorted(writes.cms.items()):
+            if cms is None:
+                pipe.delete(self._cms_key(day))
+            else:
+                pipe.set(self._cms_key(day), cms)
         if writes.meta is not None:
             pipe.set(self._meta_key, writes.meta)
 
@@ -182,6 +201,10 @@ class RedisOnlineStore(OnlineStore):
                     pipe.delete(self._key(entity, i))
                 self._queue(pipe, Writes({entity: chunk}))
                 pipe.execute()
+        if writes.cms:
+            pipe = self._writes.pipeline(transaction=True)
+            self._queue(pipe, Writes({}, cms=writes.cms))
+            pipe.execute()
         if writes.meta is not None:
             self._writes.set(self._meta_key, writes.meta)
 
@@ -193,6 +216,7 @@ class RedisOnlineStore(OnlineStore):
             for k in self._scan(f"{prefix}:{tag}:*")
             if any(p.match(k) for p in self._id_pattern.values())
         ]
+        keys += [k for k in self._scan(f"{prefix}:cms:*") if self._cms_pattern.match(k)]
         for chunk in chunks(keys, CHUNK_ENTITIES):
             self._writes.delete(*chunk)
         self._writes.delete(self._meta_key)

@@ -1,7 +1,9 @@
 """The embedded online store: one SQLite file in WAL mode (the default backend).
 
 Tables ``user_features(id, v, s, h)``, ``item_features(id, v, s)`` (one row
-per entity, blobs as in :mod:`.state`) and ``meta(k, v)``. WAL lets many
+per entity, blobs as in :mod:`.state`), ``cms_days(day, cms)`` (the Count-Min
+of item frequency per UTC day, days since 1970-01-01, ~1.1 MB each at the
+default epsilon; :mod:`.sketch_state`) and ``meta(k, v)``. WAL lets many
 reader processes read while one writes; writers serialize on SQLite's lock
 (``BEGIN IMMEDIATE``), so concurrent ``apply_events`` calls never lose each
 other's updates. Reads use their own connection with ``busy_timeout`` =
@@ -28,6 +30,7 @@ WRITE_BUSY_TIMEOUT_S = 30.0
 _MAX_PARAMS = 900
 DEFAULT_PATH = Path("online") / "features.sqlite"
 _TABLES = {"user": "user_features", "item": "item_features"}
+_CMS_TABLE = "cms_days"
 _META_KEY = "meta"
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL)",
@@ -35,6 +38,7 @@ _SCHEMA = (
     "(id INTEGER PRIMARY KEY, v BLOB NOT NULL, s BLOB NOT NULL, h BLOB)",
     "CREATE TABLE IF NOT EXISTS item_features "
     "(id INTEGER PRIMARY KEY, v BLOB NOT NULL, s BLOB NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {_CMS_TABLE} (day INTEGER PRIMARY KEY, cms BLOB NOT NULL)",
 )
 
 
@@ -124,7 +128,9 @@ class SqliteOnlineStore(OnlineStore):
 
     # ------------------------------------------------------------------ writes
 
-    def _transact(self, ids: dict[str, list[int]], update: Update) -> None:
+    def _transact(
+        self, ids: dict[str, list[int]], update: Update, days: Sequence[int] = ()
+    ) -> None:
         with self._wlock:
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
@@ -141,6 +147,11 @@ class SqliteOnlineStore(OnlineStore):
                             states[i] = s
                             if entity == "user":
                                 snapshot.histories[i] = h
+                for day in days:
+                    found = conn.execute(
+                        f"SELECT cms FROM {_CMS_TABLE} WHERE day = ?", (day,)
+                    ).fetchone()
+                    snapshot.cms[day] = found[0] if found else None
                 row = conn.execute("SELECT v FROM meta WHERE k = ?", (_META_KEY,)).fetchone()
                 snapshot.meta = row[0] if row else None
                 self._put(conn, update(snapshot))
@@ -173,6 +184,13 @@ class SqliteOnlineStore(OnlineStore):
                 "INSERT OR REPLACE INTO item_features (id, v, s) VALUES (?, ?, ?)",
                 [(i, v, s) for i, v, s, _ in items],
             )
+        for day, cms in sorted(writes.cms.items()):
+            if cms is None:
+                conn.execute(f"DELETE FROM {_CMS_TABLE} WHERE day = ?", (day,))
+            else:
+                conn.execute(
+                    f"INSERT OR REPLACE INTO {_CMS_TABLE} (day, cms) VALUES (?, ?)", (day, cms)
+                )
         if writes.meta is not None:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (_META_KEY, writes.meta)
@@ -188,7 +206,7 @@ class SqliteOnlineStore(OnlineStore):
 
     def clear(self) -> None:
         def wipe(conn: sqlite3.Connection) -> None:
-            for table in ("meta", *_TABLES.values()):
+            for table in ("meta", _CMS_TABLE, *_TABLES.values()):
                 conn.execute(f"DELETE FROM {table}")
 
         with self._wlock:

@@ -9,17 +9,23 @@ Per entity (user or item), one key (Redis hash) or one row (SQLite):
 ``v`` vector
     ``[features_as_of_us, value, ...]`` in :func:`feature_columns` order: the
     row of :func:`~features.aggregates.entity_features` at ``features_as_of``.
-    Counts are msgpack ints, rates and seconds floats (~90 bytes at 3 windows).
+    Counts are msgpack ints, rates, seconds and HLL estimates floats (~75 bytes
+    at 3 windows, sketch estimates included).
 ``s`` state
     The entity's day buckets, compacted to ``max(windows_days) + 1`` rows at
     most, columnar: ``{"d": day ordinals, "n", "i", "c", "p": counters,
-    "v": value sums, "f", "l": first/last ts in µs}``.
+    "v": value sums, "f", "l": first/last ts in µs}``, plus the entity's
+    sketches: ``"k"`` its HLL, ``"q"`` (items) its Count-Min estimates per
+    day (see :mod:`.sketch_state`).
 ``h`` history (users only)
     ``{"i": item ids, "t": ts in µs}``: the last ``history_length`` positive
     items, most recent last, ordered by ``(ts, arrival order)``.
 
 The store-wide ``meta`` record holds the prior, the store clock (the latest
-``as_of`` written) and the layout (windows, history length, format version).
+``as_of`` written), the days whose Count-Min sketches are stored, and the
+layout (windows, history length, sketch shapes, format version). The vector
+of a user ends with ``distinct_items``, of an item with ``distinct_users``
+and ``popularity_cms_{w}d`` (:func:`entity_columns`).
 """
 
 from __future__ import annotations
@@ -40,9 +46,16 @@ from features.aggregates import (
     entity_features,
     merge_aggregates,
 )
+from features.online_store.sketch_state import (
+    DISTINCT_COLUMNS,
+    SketchState,
+    sketch_columns,
+    sketch_schema,
+)
 from features.schemas import TS_DTYPE
 
-FORMAT_VERSION = 1
+# 2: sketches in the state blob and vector, Count-Min day sketches, sketch layout in the meta.
+FORMAT_VERSION = 2
 ENTITIES = ("user", "item")
 _COUNTS = ("events", "impressions", "clicks", "positives")
 RATE_COLUMNS = ("ctr_smoothed", "positive_rate")
@@ -79,16 +92,28 @@ def feature_schema(windows_days: Sequence[int]) -> dict[str, pl.DataType]:
     }
 
 
+def entity_columns(entity: str, windows_days: Sequence[int]) -> list[str]:
+    """An entity's stored vector: the counter features, then its sketch estimates."""
+    return [*feature_columns(windows_days), *sketch_columns(entity, windows_days)]
+
+
+def entity_schema(entity: str, windows_days: Sequence[int]) -> dict[str, pl.DataType]:
+    return {**feature_schema(windows_days), **sketch_schema(entity, windows_days)}
+
+
 def default_values(columns: Sequence[str], prior: CtrPrior | None) -> dict[str, Any]:
     """The vector of an entity never seen: what ``entity_features`` gives for no events.
 
     Counts 0; rates the prior's rate (``(0 + s p0) / (0 + s)``), or None when
     the prior is unknown (a degraded read before any meta was read);
-    ``seconds_since_*`` None (undefined: there is no first or last event).
+    ``seconds_since_*`` None (undefined: there is no first or last event);
+    sketch estimates 0 (``distinct_*`` 0.0).
     """
     out: dict[str, Any] = {}
     for c in columns:
-        if c in RATE_COLUMNS:
+        if c in DISTINCT_COLUMNS.values():
+            out[c] = 0.0
+        elif c in RATE_COLUMNS:
             out[c] = prior.rate if prior is not None else None
         elif c in SECONDS_COLUMNS:
             out[c] = None
@@ -123,15 +148,22 @@ class Meta:
     clock_us: int | None
     windows_days: tuple[int, ...]
     history_length: int
+    # Days (since 1970-01-01) whose Count-Min sketch is stored, ascending.
+    cms_days: tuple[int, ...] = ()
+    # sketch_state.layout(): HLL lg_k and type, Count-Min depth, width and seed.
+    sketch_layout: tuple[Any, ...] = ()
+    version: int = FORMAT_VERSION
 
     def encode(self) -> bytes:
         return msgpack.packb(
             {
-                "version": FORMAT_VERSION,
+                "version": self.version,
                 "prior": None if self.prior is None else [self.prior.rate, self.prior.strength],
                 "clock_us": self.clock_us,
                 "windows_days": list(self.windows_days),
                 "history_length": self.history_length,
+                "cms_days": list(self.cms_days),
+                "sketch_layout": list(self.sketch_layout),
             }
         )
 
@@ -144,6 +176,9 @@ class Meta:
             clock_us=raw["clock_us"],
             windows_days=tuple(raw["windows_days"]),
             history_length=raw["history_length"],
+            cms_days=tuple(raw.get("cms_days", ())),
+            sketch_layout=tuple(raw.get("sketch_layout", ())),
+            version=raw.get("version", 1),
         )
 
 
@@ -186,8 +221,11 @@ def bucket_schema(entity: str) -> dict[str, pl.DataType]:
     }
 
 
-def encode_states(buckets: pl.DataFrame) -> list[tuple[int, bytes]]:
-    """``(id, s blob)`` per entity of a bucket table (rows of one entity kept together)."""
+def encode_states(
+    buckets: pl.DataFrame, sketches: Mapping[int, SketchState] | None = None
+) -> list[tuple[int, bytes]]:
+    """``(id, s blob)`` per entity of a bucket table (rows of one entity kept together),
+    with the entity's sketch state where ``sketches`` has one."""
     key = buckets.columns[0]
     grouped = (
         buckets.sort(key, "day")
@@ -201,7 +239,24 @@ def encode_states(buckets: pl.DataFrame) -> list[tuple[int, bytes]]:
     )
     pack = msgpack.Packer().pack
     names = list(_STATE_KEYS.values())
-    return [(row[0], pack(dict(zip(names, row[1:], strict=True)))) for row in grouped.iter_rows()]
+    sketches = sketches or {}
+    out = []
+    for row in grouped.iter_rows():
+        fields = dict(zip(names, row[1:], strict=True))
+        sketch = sketches.get(row[0])
+        if sketch is not None:
+            fields.update(sketch.encode())
+        out.append((row[0], pack(fields)))
+    return out
+
+
+def decode_sketch_states(blobs: Mapping[int, bytes | None]) -> dict[int, SketchState]:
+    """The sketch state of each entity whose state blob is present."""
+    return {
+        i: SketchState.decode(msgpack.unpackb(blob))
+        for i, blob in blobs.items()
+        if blob is not None
+    }
 
 
 def decode_states(entity: str, blobs: Mapping[int, bytes | None]) -> pl.DataFrame:

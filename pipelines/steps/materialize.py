@@ -1,6 +1,7 @@
 """materialize: load the latest feature values into the online store.
 
-Reads the ``features`` step's buckets, histories and prior and bulk-loads
+Reads the ``features`` step's buckets, histories, prior and sketch tables
+(``sketches/``: per-entity HLLs and the Count-Min per day) and bulk-loads
 them (:meth:`OnlineStore.materialize`: one transaction on SQLite, whole-entity
 MULTI chunks on Redis). The step's own output is a small manifest saying what
 was loaded where; the store itself is the product.
@@ -14,6 +15,7 @@ import json
 from features.aggregates import CtrPrior
 from features.dataset import dataset_kind, read_table
 from features.online_store import make_online_store
+from features.sketches import SketchTables
 from pipelines.step import Step, StepContext, StepResult
 
 
@@ -26,6 +28,9 @@ def run_materialize(ctx: StepContext) -> StepResult:
     prior_record = json.loads(features.join("prior.json").read_text())
     prior = CtrPrior(rate=prior_record["rate"], strength=prior_record["strength"])
     as_of = dt.datetime.fromisoformat(prior_record["as_of"])
+    sketches = SketchTables(
+        **{n: read_table(features.join("sketches", f"{n}.parquet")) for n in SketchTables.NAMES}
+    )
     store = make_online_store(ctx.config.features, ctx.workdir.local_path())
     try:
         counts = store.materialize(
@@ -34,6 +39,7 @@ def run_materialize(ctx: StepContext) -> StepResult:
             read_table(features.join("latest", "history.parquet")),
             prior,
             as_of,
+            sketches=sketches,
         )
     finally:
         store.close()
@@ -50,6 +56,6 @@ MATERIALIZE = Step(
     run=run_materialize,
     description="bulk-load the latest feature vectors, buckets and histories into the online store",
     inputs=("validate", "features"),
-    config_keys=("features.online_store", "features.windows_days"),
+    config_keys=("features.online_store", "features.windows_days", "features.sketches"),
     code=("features.online_store", "pipelines.steps.materialize"),
 )

@@ -27,11 +27,19 @@ from polars.testing import assert_frame_equal
 from features.aggregates import CtrPrior, aggregate_events, entity_features, global_prior
 from features.online_store import OnlineStore, OnlineStoreError, RedisOnlineStore, make_online_store
 from features.simulator import ClickLogSimulator
+from features.sketches import (
+    SketchTables,
+    build_sketch_tables,
+    cms_estimates,
+    hll_relative_standard_error,
+)
 from infra.config import FeaturesConfig, load_config
 
 HOST, PORT = "127.0.0.1", 6379
 RATES = ["ctr_smoothed", "positive_rate"]
 SECONDS = ["seconds_since_last", "seconds_since_first"]
+# A narrow Count-Min (272 x 5 counters) so that the items collide and the bound is exercised.
+NARROW_CMS = {"cms_epsilon": 0.01}
 
 
 def _reachable(port: int) -> bool:
@@ -111,6 +119,46 @@ def history_frame(events: pl.DataFrame, length: int) -> pl.DataFrame:
     )
 
 
+def batch_sketches(events: pl.DataFrame, config: FeaturesConfig) -> SketchTables:
+    return build_sketch_tables(events.select("user_id", "item_id", "ts"), config.sketches)
+
+
+def popularity(tables: SketchTables, events: pl.DataFrame, w: int, as_of: dt.datetime) -> dict:
+    """item -> sum over the window's days on which it had events of that day's CMS estimate."""
+    day_cms = dict(tables.item_frequency.select("day", "cms").iter_rows())
+    pairs = events.select("item_id", pl.col("ts").dt.date().alias("day")).unique()
+    out: dict[int, float] = {}
+    for item, day in pairs.filter(pl.col("day") > as_of.date() - dt.timedelta(w)).iter_rows():
+        out[item] = out.get(item, 0.0) + float(cms_estimates(day_cms[day], [item])[0])
+    return out
+
+
+def assert_sketches_equal_batch(
+    store: OnlineStore, events: pl.DataFrame, as_of: dt.datetime | None
+) -> None:
+    """HLL estimates equal the batch tables'; Count-Min popularity equals the batch's
+    (``as_of``: after a refresh) or lies in [exact, exact + epsilon * N] (None)."""
+    tables = batch_sketches(events, store.config)
+    for user, estimate in tables.user_diversity.select("user_id", "items_estimate").iter_rows():
+        assert store.read_user(user).values["distinct_items"] == estimate
+    items = store.read_items(tables.item_reach.get_column("item_id").to_list())
+    assert items.get_column("distinct_users").to_list() == (
+        tables.item_reach.get_column("users_estimate").to_list()
+    )
+    epsilon_n = store.config.sketches.cms_epsilon * events.height
+    for w in store.windows_days:
+        got = items.select("item_id", f"popularity_cms_{w}d", f"events_{w}d").rows()
+        if as_of is not None:
+            want = popularity(tables, events, w, as_of)
+            assert [(i, p) for i, p, _ in got] == [(i, round(want.get(i, 0))) for i, _, _ in got]
+        else:
+            assert all(e <= p <= e + epsilon_n for _, p, e in got), w
+    big = events.group_by("user_id").agg(pl.col("item_id").n_unique().alias("n"))
+    bound = 3 * hll_relative_standard_error(store.config.sketches.hll_lg_k)
+    for user, n in big.filter(pl.col("n") >= 100).iter_rows():
+        assert abs(store.read_user(user).values["distinct_items"] - n) <= bound * n
+
+
 def assert_store_equals_batch(
     store: OnlineStore,
     events: pl.DataFrame,
@@ -118,6 +166,7 @@ def assert_store_equals_batch(
     as_of: dt.datetime,
     history_order: bool = True,
 ) -> None:
+    assert_sketches_equal_batch(store, events, as_of)
     for entity in ("user", "item"):
         key = f"{entity}_id"
         want = entity_features(
@@ -130,7 +179,12 @@ def assert_store_equals_batch(
             reads = [store.read_user(i) for i in ids]
             got = pl.DataFrame(
                 [{key: r.entity_id, "found": r.found, **r.values} for r in reads],
-                schema={key: pl.Int64, "found": pl.Boolean, **want.drop(key).schema},
+                schema={
+                    key: pl.Int64,
+                    "found": pl.Boolean,
+                    **want.drop(key).schema,
+                    "distinct_items": pl.Float64,
+                },
             )
         assert got.get_column("found").all()
         counters = [c for c in store.columns if c not in RATES + SECONDS]
@@ -159,15 +213,53 @@ def stream(store: OnlineStore, events: pl.DataFrame, seed: int = 0) -> None:
 
 
 def test_streaming_equals_batch(open_store, events: pl.DataFrame) -> None:
-    store = open_store(windows_days=(1, 2), history_length=5)
+    store = open_store(windows_days=(1, 2), history_length=5, sketches=NARROW_CMS)
     prior = global_prior(events, store.config.ctr_prior_strength)
     store.set_prior(prior)
     stream(store, events)
+    assert_sketches_equal_batch(store, events, None)  # before refresh: within the bounds
     as_of = end_time(events)
     store.refresh(as_of)
     assert_store_equals_batch(store, events, prior, as_of)
     users = events.get_column("user_id").unique().to_list()
     assert max(store.bucket_rows("user", u) for u in users[:50]) == 3  # 2 days + lifetime
+    # Two day sketches kept (the longest window), equal to the batch's byte for byte.
+    tables = batch_sketches(events, store.config)
+    days = tables.item_frequency.get_column("day").to_list()
+    assert len(leftover_keys(store.prefix + ":cms")) == 2
+    for day, cms in tables.item_frequency.select("day", "cms").iter_rows():
+        assert store.cms_sketch(day) == (cms if day in days[-2:] else None)
+
+
+def test_materialize_then_stream_equals_stream_everything(open_store, events) -> None:
+    split = dt.datetime.combine(
+        events.get_column("ts").dt.date().unique().sort()[3], dt.time(), dt.UTC
+    )
+    head = events.filter(pl.col("ts") < split)
+    lambda_store, everything = open_store(), open_store()
+    prior = global_prior(events, lambda_store.config.ctr_prior_strength)
+    lambda_store.materialize(
+        aggregate_events(head, "user"),
+        aggregate_events(head, "item"),
+        history_frame(head, lambda_store.history_length),
+        prior,
+        split,
+        sketches=batch_sketches(head, lambda_store.config),
+    )
+    tail = events.filter(pl.col("ts") >= split)
+    for i in range(0, tail.height, 300):
+        lambda_store.apply_events(tail.slice(i, 300))
+    everything.set_prior(prior)
+    for i in range(0, events.height, 700):
+        everything.apply_events(events.slice(i, 700))
+    as_of = end_time(events)
+    for store in (lambda_store, everything):
+        store.refresh(as_of)
+    assert_store_equals_batch(lambda_store, events, prior, as_of)
+    ids = events.get_column("item_id").unique().sort().to_list()
+    assert_frame_equal(lambda_store.read_items(ids), everything.read_items(ids))
+    for user in events.get_column("user_id").unique().to_list():
+        assert lambda_store.read_user(user) == everything.read_user(user)
 
 
 @pytest.fixture()
@@ -180,6 +272,7 @@ def loaded(open_store, events: pl.DataFrame) -> tuple[RedisOnlineStore, CtrPrior
         history_frame(events, store.history_length),
         prior,
         end_time(events),
+        sketches=batch_sketches(events, store.config),
     )
     return store, prior
 
@@ -196,13 +289,15 @@ def test_materialize_then_read_and_idempotent(loaded, events: pl.DataFrame) -> N
     first = dump()
     n_users = events.get_column("user_id").n_unique()
     n_items = events.get_column("item_id").n_unique()
-    assert len(first) == n_users + n_items + 1
+    n_days = events.get_column("ts").dt.date().n_unique()  # all within the 30-day window
+    assert len(first) == n_users + n_items + n_days + 1
     store.materialize(
         aggregate_events(events, "user"),
         aggregate_events(events, "item"),
         history_frame(events, store.history_length),
         prior,
         end_time(events),
+        sketches=batch_sketches(events, store.config),
     )
     assert dump() == first
 
@@ -216,6 +311,7 @@ def test_read_items_order_and_missing(loaded, events: pl.DataFrame) -> None:
     assert frame.get_column("found").to_list() == [True, False, True, True]
     missing = frame.row(1, named=True)
     assert missing["clicks_total"] == 0 and missing["ctr_smoothed"] == prior.rate
+    assert missing["distinct_users"] == 0.0 and missing["popularity_cms_7d"] == 0
     assert missing["seconds_since_first"] is None
 
 

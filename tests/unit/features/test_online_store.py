@@ -2,7 +2,10 @@
 
 The oracle everywhere is the batch path computed directly with Polars:
 ``aggregate_events`` over the whole log, then ``entity_features`` at ``T``, and
-the last N positive items per user in ``(ts, row)`` order.
+the last N positive items per user in ``(ts, row)`` order; for the sketch
+columns, the ``features`` step's sketch tables (``build_sketch_tables``) of
+the whole log: HLL estimates equal exactly (canonical form), Count-Min window
+popularity is the sum of the per-day sketches' estimates over the item's days.
 """
 
 from __future__ import annotations
@@ -33,9 +36,15 @@ from features.online_store import (
     SqliteOnlineStore,
     make_online_store,
 )
-from features.online_store.state import feature_columns
+from features.online_store.state import entity_columns
 from features.schemas import TS_DTYPE
 from features.simulator import ClickLogSimulator
+from features.sketches import (
+    SketchTables,
+    build_sketch_tables,
+    cms_estimates,
+    hll_relative_standard_error,
+)
 from infra.config import FeaturesConfig, load_config
 from infra.errors import ConfigError
 
@@ -93,29 +102,89 @@ def stream(store: OnlineStore, events: pl.DataFrame, seed: int = 0) -> int:
 
 
 def read_all(store: OnlineStore, entity: str, ids: list[int]) -> pl.DataFrame:
+    """Vectors of ``ids`` (with ``features_as_of``), every one found."""
     key = f"{entity}_id"
     if entity == "item":
         frame = store.read_items(ids)
         assert frame.get_column("found").all()
-        return frame.select(key, *store.columns)
+        return frame.select(key, "features_as_of", *store.item_columns)
     reads = [store.read_user(i) for i in ids]
     assert all(r.found and not r.degraded for r in reads)
     return pl.DataFrame(
-        [{key: r.entity_id, **r.values} for r in reads],
-        schema={key: pl.Int64, **{c: pl.Float64 for c in store.columns}},
+        [{key: r.entity_id, "features_as_of": r.features_as_of, **r.values} for r in reads],
+        schema={
+            key: pl.Int64,
+            "features_as_of": pl.Datetime("us", "UTC"),
+            **{c: pl.Float64 for c in store.user_columns},
+        },
         strict=False,
     )
+
+
+def batch_sketches(events: pl.DataFrame, config: FeaturesConfig) -> SketchTables:
+    return build_sketch_tables(events.select("user_id", "item_id", "ts"), config.sketches)
+
+
+def sketch_oracle(
+    tables: SketchTables, events: pl.DataFrame, windows: tuple[int, ...], as_of: dt.datetime
+) -> dict[str, pl.DataFrame]:
+    """The sketch columns from the batch tables: HLL estimates, and per window the sum
+    over the window's days on which the item had events of that day's CMS estimate."""
+    day_cms = dict(tables.item_frequency.select("day", "cms").iter_rows())
+    item_days = events.select("item_id", pl.col("ts").dt.date().alias("day")).unique()
+    estimates: dict[tuple[int, dt.date], float] = {}
+    for (day,), part in item_days.partition_by("day", as_dict=True).items():
+        ids = part.get_column("item_id").to_list()
+        found = cms_estimates(day_cms[day], ids)
+        estimates.update(zip(((i, day) for i in ids), found, strict=True))
+    today = as_of.date()
+    items = tables.item_reach.get_column("item_id").to_list()
+    popularity = {
+        f"popularity_cms_{w}d": [
+            round(
+                sum(
+                    v
+                    for (i, d), v in estimates.items()
+                    if i == item and d > today - dt.timedelta(w)
+                )
+            )
+            for item in items
+        ]
+        for w in windows
+    }
+    return {
+        "user": tables.user_diversity.select(
+            "user_id", pl.col("items_estimate").alias("distinct_items")
+        ),
+        "item": tables.item_reach.select(
+            "item_id", pl.col("users_estimate").alias("distinct_users")
+        ).with_columns(pl.Series(k, v, dtype=pl.Int64) for k, v in popularity.items()),
+    }
+
+
+SKETCH_COLUMNS = {"user": ["distinct_items"], "item": ["distinct_users"]}
 
 
 def assert_store_equals_batch(
     store: OnlineStore, events: pl.DataFrame, prior: CtrPrior, as_of: dt.datetime
 ) -> None:
     want = batch_vectors(events, store.config, prior, as_of)
+    sketches = sketch_oracle(
+        batch_sketches(events, store.config), events, store.windows_days, as_of
+    )
     for entity, frame in want.items():
         got = read_all(store, entity, frame.get_column(f"{entity}_id").to_list())
+        # Sketch estimates: equal, not within the error (canonical HLL; refreshed CMS).
+        key = f"{entity}_id"
+        assert_frame_equal(
+            got.select(sketches[entity].columns),
+            sketches[entity],
+            check_dtypes=False,
+            check_exact=True,
+        )
         counters = [c for c in store.columns if c not in RATES_AND_SECONDS]
         assert_frame_equal(
-            got.select(f"{entity}_id", *counters),
+            got.select(key, *counters),
             frame.select(f"{entity}_id", *counters),
             check_dtypes=False,
             check_exact=True,
@@ -139,6 +208,51 @@ SECONDS = ["seconds_since_last", "seconds_since_first"]
 RATES_AND_SECONDS = RATES + SECONDS
 
 
+def assert_sketches_within_bounds(
+    store: OnlineStore, events: pl.DataFrame, tables: SketchTables
+) -> None:
+    """Streamed, before any refresh: HLL estimates equal the batch's and lie within
+    3 standard errors of the exact distinct count (entities with >= 100 values);
+    each item's window popularity lies in [exact, exact + epsilon * N_window],
+    exact being the vector's own ``events_{w}d`` (same as_of) and N_window the
+    events of the window's days. The stored day sketches equal the batch's."""
+    config = store.config.sketches
+    bound = 3 * hll_relative_standard_error(config.hll_lg_k)
+    checked = 0
+    for entity, other, table, column in (
+        ("user", "item_id", tables.user_diversity, "items_estimate"),
+        ("item", "user_id", tables.item_reach, "users_estimate"),
+    ):
+        key = f"{entity}_id"
+        exact = events.group_by(key).agg(pl.col(other).n_unique().alias("exact"))
+        got = read_all(store, entity, exact.get_column(key).to_list())
+        joined = got.join(exact, on=key).join(table, on=key)
+        distinct = SKETCH_COLUMNS[entity][0]
+        assert (joined.get_column(distinct) == joined.get_column(column)).all()
+        big = joined.filter(pl.col("exact") >= 100)
+        checked += big.height
+        assert (
+            ((big.get_column(distinct) - big.get_column("exact")).abs() / big.get_column("exact"))
+            <= bound
+        ).all()
+    assert checked >= 1  # the tiny log has entities in dense mode
+    totals = dict(tables.item_frequency.select("day", "total_weight").iter_rows())
+    items = read_all(store, "item", events.get_column("item_id").unique().to_list())
+    above = 0
+    for row in items.iter_rows(named=True):
+        today = row["features_as_of"].date()
+        for w in store.windows_days:
+            n = sum(v for d, v in totals.items() if today - dt.timedelta(w) < d <= today)
+            exact, popularity = row[f"events_{w}d"], row[f"popularity_cms_{w}d"]
+            assert exact <= popularity <= exact + config.cms_epsilon * n, (row["item_id"], w)
+            above += popularity > exact
+    if config.cms_epsilon >= 0.01:
+        assert above > 0  # a narrow sketch collides: the bound was exercised
+    kept = sorted(totals)[-max(store.windows_days) :]
+    for day, cms in tables.item_frequency.select("day", "cms").iter_rows():
+        assert store.cms_sketch(day) == (cms if day in kept else None), day
+
+
 def open_store(tmp_path: Path, **features: object) -> SqliteOnlineStore:
     config = FeaturesConfig.model_validate(features)
     store = make_online_store(config, tmp_path)
@@ -149,16 +263,24 @@ def open_store(tmp_path: Path, **features: object) -> SqliteOnlineStore:
 # --------------------------------------------------------------------------- batch == stream
 
 
+# A narrow Count-Min (272 x 5 counters, 11 kB a day) so that 181 items collide and the
+# epsilon * N bound is exercised (and tests stay fast); the concurrency test keeps the
+# default width (1.1 MB a day).
+NARROW_CMS = {"cms_epsilon": 0.01}
+
+
 @pytest.mark.parametrize("windows", [(1, 7, 30), (1, 2)], ids=["windows-1-7-30", "windows-1-2"])
 def test_streaming_equals_batch(tmp_path: Path, events: pl.DataFrame, windows) -> None:
     """The key property: events one (or a few) at a time give the batch features exactly.
 
-    (1, 2) keeps two days on a five-day log, so compaction folds for real.
+    (1, 2) keeps two days on a five-day log, so compaction folds for real and
+    day sketches are dropped.
     """
-    store = open_store(tmp_path, windows_days=windows, history_length=5)
+    store = open_store(tmp_path, windows_days=windows, history_length=5, sketches=NARROW_CMS)
     prior = global_prior(events, store.config.ctr_prior_strength)
     store.set_prior(prior)
     assert stream(store, events) > 200
+    assert_sketches_within_bounds(store, events, batch_sketches(events, store.config))
     as_of = end_time(events)
     assert store.refresh(as_of) == (
         events.get_column("user_id").n_unique() + events.get_column("item_id").n_unique()
@@ -204,7 +326,9 @@ def small_logs(draw: st.DrawFn) -> pl.DataFrame:
 )
 @given(log=small_logs())
 def test_one_event_at_a_time_equals_batch(tmp_path_factory, log: pl.DataFrame) -> None:
-    store = open_store(tmp_path_factory.mktemp("s"), windows_days=(1, 3), history_length=3)
+    store = open_store(
+        tmp_path_factory.mktemp("s"), windows_days=(1, 3), history_length=3, sketches=NARROW_CMS
+    )
     prior = CtrPrior(rate=0.1, strength=4.0)
     store.set_prior(prior)
     for i in range(log.height):
@@ -216,8 +340,9 @@ def test_one_event_at_a_time_equals_batch(tmp_path_factory, log: pl.DataFrame) -
 
 
 def test_materialize_then_stream_equals_batch(tmp_path: Path, events: pl.DataFrame) -> None:
-    """Lambda path: bulk load the first days, stream the rest, equal to batch on all."""
-    store = open_store(tmp_path)
+    """Lambda path: bulk load the first days (sketch tables included), stream the rest:
+    equal to batch on all, and to a store that streamed everything."""
+    store = open_store(tmp_path / "a", sketches=NARROW_CMS)
     config = store.config
     split = dt.datetime.combine(
         events.get_column("ts").dt.date().unique().sort()[3], dt.time(), dt.UTC
@@ -230,11 +355,22 @@ def test_materialize_then_stream_equals_batch(tmp_path: Path, events: pl.DataFra
         history_frame(head, config.history_length),
         prior,
         split,
+        sketches=batch_sketches(head, config),
     )
     stream(store, events.filter(pl.col("ts") >= split), seed=1)
+    everything = open_store(tmp_path / "b", sketches=NARROW_CMS)
+    everything.set_prior(prior)
+    for i in range(0, events.height, 700):
+        everything.apply_events(events.slice(i, 700))
     as_of = end_time(events)
     store.refresh(as_of)
+    everything.refresh(as_of)
     assert_store_equals_batch(store, events, prior, as_of)
+    for entity in ("user", "item"):
+        ids = events.get_column(f"{entity}_id").unique().sort().to_list()
+        assert_frame_equal(read_all(store, entity, ids), read_all(everything, entity, ids))
+    for day in events.get_column("ts").dt.date().unique().to_list():
+        assert store.cms_sketch(day) == everything.cms_sketch(day) is not None
 
 
 def history_frame(events: pl.DataFrame, length: int) -> pl.DataFrame:
@@ -250,7 +386,7 @@ def history_frame(events: pl.DataFrame, length: int) -> pl.DataFrame:
 
 @pytest.fixture()
 def loaded(tmp_path: Path, events: pl.DataFrame) -> tuple[SqliteOnlineStore, CtrPrior]:
-    store = open_store(tmp_path)
+    store = open_store(tmp_path, sketches=NARROW_CMS)
     prior = global_prior(events, store.config.ctr_prior_strength)
     counts = store.materialize(
         aggregate_events(events, "user"),
@@ -258,6 +394,7 @@ def loaded(tmp_path: Path, events: pl.DataFrame) -> tuple[SqliteOnlineStore, Ctr
         history_frame(events, store.history_length),
         prior,
         end_time(events),
+        sketches=batch_sketches(events, store.config),
     )
     assert counts == {
         "users": events.get_column("user_id").n_unique(),
@@ -287,8 +424,10 @@ def test_read_items_keeps_order_and_fills_missing(loaded, events: pl.DataFrame) 
     want = batch_vectors(events, store.config, prior, end_time(events))["item"]
     row = frame.row(0, named=True)
     assert row["events_total"] == want.filter(pl.col("item_id") == known[5])["events_total"][0]
+    assert row["distinct_users"] > 0 and row["popularity_cms_30d"] >= row["events_30d"] > 0
     miss = frame.row(1, named=True)
     assert miss["events_total"] == 0 and miss["ctr_smoothed"] == prior.rate
+    assert miss["distinct_users"] == 0.0 and miss["popularity_cms_7d"] == 0
     assert miss["seconds_since_last"] is None and miss["features_as_of"] is None
     assert store.read_items([]).height == 0
     assert store.read_items([]).columns == frame.columns
@@ -302,6 +441,7 @@ def test_materialize_is_idempotent(loaded, events: pl.DataFrame) -> None:
             return [
                 *conn.execute("SELECT * FROM user_features ORDER BY id"),
                 *conn.execute("SELECT * FROM item_features ORDER BY id"),
+                *conn.execute("SELECT * FROM cms_days ORDER BY day"),
                 *conn.execute("SELECT * FROM meta"),
             ]
 
@@ -312,6 +452,7 @@ def test_materialize_is_idempotent(loaded, events: pl.DataFrame) -> None:
         history_frame(events, store.history_length),
         prior,
         end_time(events),
+        sketches=batch_sketches(events, store.config),
     )
     assert dump() == first
 
@@ -327,7 +468,10 @@ def test_missing_entity_gets_defaults(tmp_path: Path) -> None:
     assert read.values["events_7d"] == 0 and read.values["clicks_total"] == 0
     assert read.values["ctr_smoothed"] == read.values["positive_rate"] == 0.25
     assert read.values["seconds_since_last"] is None
-    assert list(read.values) == feature_columns((1, 7, 30))
+    assert read.values["distinct_items"] == 0.0
+    assert list(read.values) == entity_columns("user", (1, 7, 30))
+    assert store.read_items([7]).columns[4:] == entity_columns("item", (1, 7, 30))
+    assert store.read_item(7).values["popularity_cms_30d"] == 0
 
 
 def test_refresh_rolls_windows_and_bounds_state(loaded, events: pl.DataFrame) -> None:
@@ -338,6 +482,11 @@ def test_refresh_rolls_windows_and_bounds_state(loaded, events: pl.DataFrame) ->
     user = events.get_column("user_id")[0]
     assert store.read_user(user).values["events_30d"] == 0
     assert store.bucket_rows("user", user) == 1  # everything folded into the lifetime row
+    # Day sketches left the longest window: deleted; HLLs (lifetime) kept.
+    assert all(store.cms_sketch(d) is None for d in events.get_column("ts").dt.date().unique())
+    item = int(events.get_column("item_id")[0])
+    assert store.read_item(item).values["popularity_cms_30d"] == 0
+    assert store.read_item(item).values["distinct_users"] > 0
     with pytest.raises(ValueError, match="precedes the store clock"):
         store.refresh(end_time(events))
 
@@ -415,6 +564,10 @@ def test_layout_mismatch_is_refused(tmp_path: Path, events: pl.DataFrame) -> Non
     other.clear()
     other.set_prior(CtrPrior(rate=0.1, strength=1.0))
     assert other.apply_events(events.slice(5, 5)) > 0
+    # Other sketch shapes: an HLL or Count-Min merge would mix incompatible sketches.
+    wider = open_store(tmp_path, windows_days=(1, 2), sketches={"hll_lg_k": 12})
+    with pytest.raises(OnlineStoreError, match="sketches"):
+        wider.apply_events(events.slice(10, 5))
 
 
 def test_concurrent_writers_lose_nothing(tmp_path: Path, events: pl.DataFrame) -> None:
