@@ -189,9 +189,7 @@ def describe_frame(
         )
         dtype = frame.schema[name]
         if name in ("hour", "weekday", "position"):
-            vocab = tuple(
-                str(v) for v in sorted(frame.get_column(name).drop_nulls().unique().to_list())
-            )
+            vocab = _vocabulary(frame.get_column(name))
             features.append(
                 Feature(
                     name=name,
@@ -218,9 +216,7 @@ def describe_frame(
         elif dtype == pl.String or (
             dtype.is_integer() and frame.get_column(name).n_unique() <= 1000
         ):
-            vocab = tuple(
-                str(v) for v in sorted(frame.get_column(name).drop_nulls().unique().to_list())
-            )
+            vocab = _vocabulary(frame.get_column(name))
             features.append(
                 Feature(
                     name=name,
@@ -248,6 +244,11 @@ def describe_frame(
 _COUNTER = re.compile(
     r"^(events|impressions|clicks|positives)_(\d+d|total)$|^seconds_since_|^age_days$|^distinct_"
 )
+
+
+def _vocabulary(column: pl.Series) -> tuple[str, ...]:
+    """Distinct values, sorted, as strings (index 0 stays the out-of-vocabulary slot)."""
+    return tuple(str(v) for v in sorted(column.drop_nulls().unique().to_list()))
 
 
 def _is_counter(name: str) -> bool:
