@@ -264,6 +264,10 @@ class FeaturesConfig(Section):
     ctr_prior_strength: float = Field(default=20.0, ge=0.0)
     # Length of the recent-items sequence feature (the two-tower's user history).
     history_length: int = Field(default=20, ge=1)
+    # Entity partitions of the polars engine's point-in-time build. 1 builds in
+    # memory; P > 1 builds one user (then item) partition at a time and spills
+    # to disk, so peak memory follows 1/P of the log (data larger than memory).
+    partitions: int = Field(default=1, ge=1)
     sketches: SketchConfig = SketchConfig()
     online_store: OnlineStoreConfig = OnlineStoreConfig()
 
@@ -274,6 +278,36 @@ class FeaturesConfig(Section):
         if list(self.windows_days) != sorted(set(self.windows_days)):
             raise ValueError("windows_days must be increasing and distinct")
         return self
+
+
+# --------------------------------------------------------------------------- models
+
+
+class IndexConfig(Section):
+    """The candidate index (models.index): exact below a size, Faiss above it."""
+
+    kind: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    # auto: exact search up to this many items (brute force is < 1 ms there).
+    exact_max_items: int = Field(default=50_000, ge=0)
+    # auto: IVF with refinement from this many items (HNSW's memory and build time grow).
+    ivf_min_items: int = Field(default=5_000_000, ge=1)
+    # HNSW graph degree and search breadth: recall@100 >= 0.95 at 1M x 64 needs ef >= ~128.
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_construction: int = Field(default=200, ge=8)
+    hnsw_ef_search: int = Field(default=128, ge=1)
+    # IVF lists (None: 4 * sqrt(n)), lists probed, and exact re-ranking of factor * k candidates.
+    ivf_nlist: int | None = Field(default=None, ge=1)
+    ivf_nprobe: int = Field(default=32, ge=1)
+    refine_factor: int = Field(default=4, ge=1)
+    # Self-check: recall@K of the index against exact search on this many sampled queries.
+    recall_sample: int = Field(default=500, ge=1)
+    recall_k: int = Field(default=100, ge=1)
+
+
+class ModelsConfig(Section):
+    """Model hyper-parameters and the candidate index."""
+
+    index: IndexConfig = IndexConfig()
 
 
 class PipelineConfig(Section):
@@ -295,6 +329,7 @@ class RayrecConfig(Section):
     data: DataConfig = DataConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     features: FeaturesConfig = FeaturesConfig()
+    models: ModelsConfig = ModelsConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
     def to_dict(self) -> dict[str, Any]:
