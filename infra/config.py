@@ -304,10 +304,31 @@ class IndexConfig(Section):
     recall_k: int = Field(default=100, ge=1)
 
 
+class SplitConfig(Section):
+    """How interactions split into train / valid / test (features.splits)."""
+
+    # random: RecBole's per-user random ordering split by `ratios`; temporal: global time
+    # cuts with valid/test shares ratios[1], ratios[2]; leave_last_out: last -> test,
+    # second last -> valid; given: fixed files (features.splits.given_split).
+    kind: Literal["temporal", "leave_last_out", "random", "given"] = "random"
+    # train, valid, test shares (RecBole's default 8:1:1).
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if any(r <= 0 for r in self.ratios):
+            raise ValueError(f"ratios must be positive, got {self.ratios}")
+        if abs(sum(self.ratios) - 1.0) > 1e-9:
+            raise ValueError(f"ratios must sum to 1, got {self.ratios} (sum {sum(self.ratios)})")
+        return self
+
+
 class ModelsConfig(Section):
     """Model hyper-parameters and the candidate index."""
 
     index: IndexConfig = IndexConfig()
+    split: SplitConfig = SplitConfig()
 
 
 class PipelineConfig(Section):
