@@ -241,6 +241,9 @@ def full_ranking_metrics(
     ``max_batch_bytes`` of float32 scores, counting ``score_fn``'s output and
     the copy that gets the ``-inf`` mask (so 40k items give 838 users a batch);
     the caller's array is never written. Metric definitions: module doc.
+
+    ``train`` holds every item to exclude: to score the test part, pass train and
+    valid together, as RecBole masks both at test time.
     """
     ks = _check_ks(ks)
     _check_pairs(train, test, n_items)
