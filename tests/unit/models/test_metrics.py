@@ -295,3 +295,18 @@ def test_matches_a_per_user_loop_of_recboles_formulas() -> None:
             assert report.per_user[f"mrr@{k}"][row] == pytest.approx(
                 0.0 if first is None else 1 / (first + 1)
             )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_give_the_cpu_numbers() -> None:
+    rng = np.random.default_rng(9)
+    n_users, n_items = 100, 500
+    users = np.repeat(np.arange(n_users), 6)
+    items = rng.integers(0, n_items, users.size)
+    train = UserItems.from_pairs(users[::2], items[::2], n_users)
+    test = UserItems.from_pairs(users[1::2], items[1::2], n_users)
+    scores = torch.from_numpy(rng.standard_normal((n_users, n_items)).astype(np.float32))
+    on_gpu = scores.cuda()
+    cpu = full_ranking_metrics(lambda u: scores[u], train, test, n_items)
+    gpu = full_ranking_metrics(lambda u: on_gpu[torch.from_numpy(u).cuda()], train, test, n_items)
+    assert gpu.metrics == pytest.approx(cpu.metrics)
