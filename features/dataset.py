@@ -92,6 +92,11 @@ def read_events(folder: StoragePath) -> pl.LazyFrame:
     return _scan(folder.join("events"))
 
 
+def read_examples(folder: StoragePath) -> pl.LazyFrame:
+    """The training frame below ``folder/examples`` (the ``features`` step's output), lazily."""
+    return _scan(folder.join("examples"))
+
+
 def read_table(path: StoragePath) -> pl.DataFrame:
     with path.fs.open_input_file(path.path) as handle:
         return pl.read_parquet(handle)

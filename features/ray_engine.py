@@ -4,15 +4,17 @@ Ray Data reads the validated Parquet partitions in parallel. Mergeable parts
 go per block and are reduced on the driver: :func:`aggregate_events` on each
 block (Arrow in, Arrow out), then :func:`merge_aggregates`. Point-in-time
 parts need each entity's whole history, so events are shuffled into ``P``
-partitions by ``user_id % P`` (then ``item_id % P``) and the same
-:func:`user_side` / :func:`item_side` run per partition. The driver assembles
-the frame with the same :func:`assemble`, so outputs equal the ``polars``
-engine's exactly (a test).
+partitions by ``user_id % P`` (then ``item_id % P``) and
+:func:`side_of_partition` runs per partition (the function the ``polars``
+engine's out-of-core build runs on the same partitions). The driver joins the
+sides with :func:`assemble_by_keys`, so outputs equal the ``polars`` engine's
+exactly (a test).
 """
 
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import polars as pl
 import pyarrow as pa
@@ -28,18 +30,17 @@ from features.aggregates import (
     merge_aggregates,
     prior_from_buckets,
 )
-from features.build import FeatureOutputs, end_of_log, latest_values
+from features.build import SIDES, FeatureOutputs, end_of_log, latest_values
 from features.dataset import read_events
 from features.schemas import EVENTS, check_schema
 from features.sketches import SketchTables, build_sketch_tables, merge_sketch_tables
 from features.training_frame import (
-    EXAMPLE_ORDER,
-    assemble,
+    assemble_by_keys,
     canonical_rows,
     describe_frame,
     example_rows,
-    item_side,
-    user_side,
+    has_impressions,
+    side_of_partition,
 )
 from infra.config import FeaturesConfig, SketchConfig
 from infra.storage import StoragePath
@@ -102,19 +103,16 @@ def _with_partition(block: pa.Table, key: str, partitions: int) -> pa.Table:
 
 
 def _side_of_partition(
-    block: pa.Table, side: str, items: pl.DataFrame, config: FeaturesConfig, prior: CtrPrior
+    block: pa.Table,
+    side: Literal["user", "item"],
+    items: pl.DataFrame,
+    config: FeaturesConfig,
+    prior: CtrPrior,
+    impressions: bool,
 ) -> pa.Table:
-    """One entity partition: its example rows with that side's features, keyed by EXAMPLE_ORDER."""
+    """:func:`side_of_partition` of one shuffled group (Arrow in, Arrow out)."""
     events = pl.from_arrow(block).drop("_part")  # type: ignore[union-attr]
-    rows = canonical_rows(example_rows(events.lazy()).collect())
-    lazy = events.lazy()
-    features = (
-        user_side(rows, lazy, items, config, prior)
-        if side == "user"
-        else item_side(rows, lazy, config, prior)
-    )
-    keys = [c for c in EXAMPLE_ORDER if c in rows.columns]
-    return rows.select("_row", *keys).join(features, on="_row").drop("_row").to_arrow()
+    return side_of_partition(events, side, items, config, prior, impressions).to_arrow()
 
 
 # What the buckets read: like Polars' projection pushdown, skip the other columns.
@@ -197,8 +195,9 @@ def _build(
     }
     prior = prior_from_buckets(buckets["user"], config.ctr_prior_strength)
 
+    impressions = has_impressions(events)
     sides = {}
-    for side, key in (("user", "user_id"), ("item", "item_id")):
+    for side, key in SIDES:
         partitioned = events_ds.map_batches(
             _with_partition,
             batch_format="pyarrow",
@@ -209,25 +208,26 @@ def _build(
         computed = partitioned.groupby("_part", num_partitions=parts).map_groups(
             _side_of_partition,
             batch_format="pyarrow",
-            fn_kwargs={"side": side, "items": items, "config": config, "prior": prior},
+            fn_kwargs={
+                "side": side,
+                "items": items,
+                "config": config,
+                "prior": prior,
+                "impressions": impressions,
+            },
         )
         sides[side] = _collect(computed)
 
-    rows = canonical_rows(example_rows(events).collect())
-    keys = [c for c in EXAMPLE_ORDER if c in rows.columns]
-    if rows.select(keys).is_duplicated().any():
-        raise ValueError(f"the ray engine needs example rows unique by {keys}; use engine=polars")
-    keyed = rows.select("_row", *keys)
-    users_side = keyed.join(sides["user"], on=keys, how="left", nulls_equal=True).drop(keys)
-    items_side = keyed.join(sides["item"], on=keys, how="left", nulls_equal=True).drop(keys)
-    examples = assemble(rows, users_side, items_side, users, items)
+    rows = canonical_rows(example_rows(events, impressions).collect())
+    examples = assemble_by_keys(rows, sides["user"], sides["item"], users, items)
     latest_user, latest_item, history = latest_values(
         buckets["user"], buckets["item"], events, config, prior, as_of
     )
     spec = describe_frame(examples, config, users.height, items.height)
     sketches = sketches_on_ray(event_files(data), config.sketches)
     return FeatureOutputs(
-        examples,
+        examples.lazy(),
+        examples.height,
         spec,
         buckets["user"],
         buckets["item"],

@@ -10,7 +10,12 @@ before ``ts``. :func:`describe_frame` writes the matching feature spec.
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import polars as pl
 
@@ -31,16 +36,23 @@ PASSTHROUGH = ("user_id", "item_id", "ts", "label", "request_id", "propensity")
 AFFINITY_STRENGTH = 5.0
 
 
-def example_rows(events: pl.LazyFrame) -> pl.LazyFrame:
+def has_impressions(events: pl.LazyFrame) -> bool:
+    """Whether the log holds impressions (a click log) or not (a rating log)."""
+    return events.filter(pl.col("event_type") == "impression").head(1).collect().height > 0
+
+
+def example_rows(events: pl.LazyFrame, impressions: bool | None = None) -> pl.LazyFrame:
     """The rows to learn from: impressions when the log has them, else labelled events.
 
     Click logs (the simulator, serving) label impressions with the click;
     rating logs (MovieLens) label each rating (rating >= threshold).
+    ``impressions`` is :func:`has_impressions` of ``events`` when None; a
+    partitioned build passes the whole log's answer, so a partition that
+    happens to hold no impression still picks the rows the whole log would.
     """
-    has_impressions = (
-        events.filter(pl.col("event_type") == "impression").head(1).collect().height > 0
-    )
-    if has_impressions:
+    if impressions is None:
+        impressions = has_impressions(events)
+    if impressions:
         return events.filter(pl.col("event_type") == "impression")
     return events.filter(pl.col("label").is_not_null())
 
@@ -50,10 +62,16 @@ def example_rows(events: pl.LazyFrame) -> pl.LazyFrame:
 EXAMPLE_ORDER = ("ts", "user_id", "request_id", "position", "item_id")
 
 
+def example_keys(columns: Sequence[str]) -> list[str]:
+    """The columns of :data:`EXAMPLE_ORDER` present in ``columns``: what identifies a row."""
+    return [c for c in EXAMPLE_ORDER if c in columns]
+
+
 def canonical_rows(rows: pl.DataFrame) -> pl.DataFrame:
     """``rows`` sorted by :data:`EXAMPLE_ORDER` (the columns it has), with ``_row``."""
-    order = [c for c in EXAMPLE_ORDER if c in rows.columns]
-    return rows.sort(order, nulls_last=True, maintain_order=True).with_row_index("_row")
+    return rows.sort(
+        example_keys(rows.columns), nulls_last=True, maintain_order=True
+    ).with_row_index("_row")
 
 
 def user_side(
@@ -93,6 +111,65 @@ def item_side(
     )
     reach = distinct_counts_at(rows, events, "item_id", "user_id")
     return counters.join(reach.rename({"distinct": "item_distinct_users"}), on="_row", how="left")
+
+
+def side_of_partition(
+    events: pl.DataFrame,
+    side: Literal["user", "item"],
+    items: pl.DataFrame,
+    config: FeaturesConfig,
+    prior: CtrPrior,
+    impressions: bool,
+) -> pl.DataFrame:
+    """One entity partition's example rows with ``side``'s features, keyed by the example keys.
+
+    ``events`` must hold every event of the partition's users (``side ==
+    "user"``) or items (``"item"``) and no other entity's; ``impressions`` is
+    :func:`has_impressions` of the whole log. Returns :func:`example_keys`
+    plus the columns of :func:`user_side` or :func:`item_side`, in canonical
+    order. The partitioned builds (the ``ray`` engine, the ``polars``
+    engine's out-of-core path) run this per partition and join the sides back
+    with :func:`assemble_by_keys`.
+    """
+    rows = canonical_rows(example_rows(events.lazy(), impressions).collect())
+    lazy = events.lazy()
+    features = (
+        user_side(rows, lazy, items, config, prior)
+        if side == "user"
+        else item_side(rows, lazy, config, prior)
+    )
+    keys = example_keys(rows.columns)
+    return (
+        rows.select("_row", *keys)
+        .join(features, on="_row", how="left", maintain_order="left")
+        .drop("_row")
+    )
+
+
+def assemble_by_keys(
+    rows: pl.DataFrame,
+    user_features: pl.DataFrame,
+    item_features: pl.DataFrame,
+    users: pl.DataFrame,
+    items: pl.DataFrame,
+) -> pl.DataFrame:
+    """:func:`assemble` with sides from :func:`side_of_partition` (keyed by the example keys).
+
+    ``rows`` are canonical (with ``_row``); each side may hold rows ``rows``
+    lacks (they are dropped). Every side feature is a function of the row's
+    keys (entity, time, item), so rows that share all keys (a logged event
+    twice) get the same features: duplicate keys in a side collapse before the
+    join rather than multiplying rows.
+    """
+    keys = example_keys(rows.columns)
+    keyed = rows.select("_row", *keys)
+    duplicated = bool(keyed.select(keys).is_duplicated().any())
+    sides = []
+    for side in (user_features, item_features):
+        if duplicated:
+            side = side.unique(subset=keys, keep="first", maintain_order=True)
+        sides.append(keyed.join(side, on=keys, how="left", nulls_equal=True).drop(keys))
+    return assemble(rows, sides[0], sides[1], users, items)
 
 
 def assemble(
@@ -160,7 +237,7 @@ def _attributes(table: pl.DataFrame, key: str, prefix: str) -> pl.DataFrame:
 
 
 def describe_frame(
-    frame: pl.DataFrame, config: FeaturesConfig, n_users: int, n_items: int
+    frame: pl.DataFrame | pl.LazyFrame, config: FeaturesConfig, n_users: int, n_items: int
 ) -> FeatureSpec:
     """The feature spec of a training frame; statistics are measured on ``frame``.
 
@@ -168,7 +245,13 @@ def describe_frame(
     affinities are already in [0, 1]; numeric attributes are standardised;
     string and low-cardinality integer attributes get a vocabulary; ids are
     hashed into as many buckets as there are entities.
+
+    ``frame`` may be a LazyFrame over files larger than memory: statistics are
+    gathered one UTC day of ``ts`` at a time (only the columns they need) and
+    merged (:class:`_ColumnStats`), so the frame is never materialised, and an
+    in-memory frame and the same rows written per day give the same spec.
     """
+    schema = frame.lazy().collect_schema()
     features: list[Feature] = [
         Feature(name="user_id", kind=FeatureKind.CATEGORICAL, entity=Entity.USER, dtype="int64", hash_buckets=max(1, n_users)),
         Feature(name="item_id", kind=FeatureKind.CATEGORICAL, entity=Entity.ITEM, dtype="int64", hash_buckets=max(1, n_items)),
@@ -177,7 +260,17 @@ def describe_frame(
             max_length=config.history_length, description="last positive item ids before the row, most recent last",
         ),
     ]  # fmt: skip
-    for name in frame.columns:
+    measured = [
+        name
+        for name, dtype in schema.items()
+        if name not in PASSTHROUGH
+        and name not in ("user_history", "label")
+        and not _is_counter(name)
+        and not _is_rate(name)
+        and (dtype == pl.String or dtype.is_numeric())
+    ]
+    stats = _measure(frame.lazy(), measured)
+    for name, dtype in schema.items():
         if name in PASSTHROUGH or name in ("user_history", "label"):
             continue
         entity = (
@@ -187,16 +280,14 @@ def describe_frame(
             if name.startswith("item_")
             else Entity.CONTEXT
         )
-        dtype = frame.schema[name]
         if name in ("hour", "weekday", "position"):
-            vocab = _vocabulary(frame.get_column(name))
             features.append(
                 Feature(
                     name=name,
                     kind=FeatureKind.CATEGORICAL,
                     entity=Entity.CONTEXT,
                     dtype="int64",
-                    vocabulary=vocab,
+                    vocabulary=stats[name].vocabulary(),
                 )
             )
         elif _is_counter(name):
@@ -209,46 +300,149 @@ def describe_frame(
                     normalization=Normalization.LOG1P,
                 )
             )
-        elif name.endswith(("ctr_smoothed", "positive_rate")) or name == "category_affinity":
+        elif _is_rate(name):
             features.append(
                 Feature(name=name, kind=FeatureKind.NUMERIC, entity=entity, dtype="float64")
             )
         elif dtype == pl.String or (
-            dtype.is_integer() and frame.get_column(name).n_unique() <= 1000
+            dtype.is_integer() and stats[name].n_unique() <= VOCABULARY_MAX
         ):
-            vocab = _vocabulary(frame.get_column(name))
             features.append(
                 Feature(
                     name=name,
                     kind=FeatureKind.CATEGORICAL,
                     entity=entity,
                     dtype="string" if dtype == pl.String else "int64",
-                    vocabulary=vocab,
+                    vocabulary=stats[name].vocabulary(),
                 )
             )
         elif dtype.is_numeric():
-            column = frame.get_column(name).cast(pl.Float64)
-            std = float(column.std() or 0.0)
+            column = stats[name]
+            std = column.std()
             normalization = Normalization.STANDARD if std > 0 else Normalization.NONE
             features.append(
                 Feature(
                     name=name, kind=FeatureKind.NUMERIC, entity=entity, dtype="float64", normalization=normalization,
-                    mean=float(column.mean() or 0.0) if std > 0 else None, std=std if std > 0 else None,
-                    min_value=float(column.min()), max_value=float(column.max()),
+                    mean=column.mean if std > 0 else None, std=std if std > 0 else None,
+                    min_value=column.min_value, max_value=column.max_value,
                 )
             )  # fmt: skip
         # List attributes (genres, tags) wait for a multi-hot encoder in the models issue.
     return FeatureSpec(labels=("label",), features=tuple(features))
 
 
+# Integer attributes with at most this many distinct values (null counts as one)
+# get a vocabulary; more, and they are standardised as numbers.
+VOCABULARY_MAX = 1000
+
+
+@dataclass
+class _ColumnStats:
+    """Mergeable statistics of one column: its distinct values and its moments.
+
+    Distinct values are kept for strings and integers (integers: until there
+    are more than :data:`VOCABULARY_MAX`). Moments merge by Chan et al.'s
+    pairwise update of ``(n, mean, M2)``; the parts are days, merged in day
+    order, and each day's moments come from Polars on that day's contiguous
+    column, so equal rows give equal floats however the frame was chunked or
+    stored.
+    """
+
+    dtype: pl.DataType
+    values: set[object] | None = field(default_factory=set)  # None: not kept, or too many
+    has_null: bool = False
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    min_value: float | None = None
+    max_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.dtype == pl.String or self.dtype.is_integer()):
+            self.values = None
+
+    def add(self, column: pl.Series) -> None:
+        column = column.rechunk()
+        self.has_null = self.has_null or column.null_count() > 0
+        if self.values is not None:
+            self.values.update(column.drop_nulls().unique().to_list())
+            if self.dtype.is_integer() and len(self.values) > VOCABULARY_MAX:
+                self.values = None
+        if not self.dtype.is_numeric():
+            return
+        numbers = column.drop_nulls().cast(pl.Float64)
+        n = numbers.len()
+        if n == 0:
+            return
+        mean = float(numbers.mean())  # type: ignore[arg-type]
+        m2 = float(numbers.var(ddof=0)) * n  # type: ignore[arg-type]
+        low, high = float(numbers.min()), float(numbers.max())  # type: ignore[arg-type]
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.n * n / total
+        self.mean += delta * n / total
+        self.n = total
+        self.min_value = low if self.min_value is None else min(self.min_value, low)
+        self.max_value = high if self.max_value is None else max(self.max_value, high)
+
+    def n_unique(self) -> float:
+        """Distinct values, null counting as one (Polars' ``n_unique``); inf past the limit."""
+        if self.values is None:
+            return math.inf
+        return len(self.values) + int(self.has_null)
+
+    def vocabulary(self) -> tuple[str, ...]:
+        """Distinct values, sorted, as strings (index 0 stays the out-of-vocabulary slot)."""
+        return tuple(str(v) for v in sorted(self.values or ()))  # type: ignore[type-var]
+
+    def std(self) -> float:
+        """Sample standard deviation (ddof 1, as Polars' ``std``); 0 below two values."""
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
+
+
+def _measure(frame: pl.LazyFrame, columns: list[str]) -> dict[str, _ColumnStats]:
+    """:class:`_ColumnStats` of ``columns``, one UTC day of ``ts`` at a time."""
+    schema = frame.collect_schema()
+    stats = {name: _ColumnStats(schema[name]) for name in columns}
+    if not columns:
+        return stats
+    for part in _day_parts(frame, columns):
+        for name in columns:
+            stats[name].add(part.get_column(name))
+    return stats
+
+
+def _day_parts(frame: pl.LazyFrame, columns: list[str]) -> Iterator[pl.DataFrame]:
+    """``columns`` of ``frame`` per UTC day of ``ts``, in day order (the whole frame without ``ts``).
+
+    A ``ts`` range filter, so a scan of per-day files reads only that day's
+    (predicate pushdown on the Parquet statistics). Rows without ``ts`` come last.
+    """
+    if "ts" not in frame.collect_schema():
+        yield frame.select(columns).collect()
+        return
+    days = frame.select(pl.col("ts").dt.date().unique().sort(nulls_last=True)).collect()
+    for day in days.get_column("ts").to_list():
+        if day is None:
+            yield frame.filter(pl.col("ts").is_null()).select(columns).collect()
+            continue
+        start, end = day_bounds(day)
+        yield frame.filter((pl.col("ts") >= start) & (pl.col("ts") < end)).select(columns).collect()
+
+
+def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    """``[midnight, next midnight)`` of a UTC day, as the bounds of a ``ts`` range filter."""
+    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    return start, start + dt.timedelta(days=1)
+
+
+def _is_rate(name: str) -> bool:
+    return name.endswith(("ctr_smoothed", "positive_rate")) or name == "category_affinity"
+
+
 _COUNTER = re.compile(
     r"^(events|impressions|clicks|positives)_(\d+d|total)$|^seconds_since_|^age_days$|^distinct_"
 )
-
-
-def _vocabulary(column: pl.Series) -> tuple[str, ...]:
-    """Distinct values, sorted, as strings (index 0 stays the out-of-vocabulary slot)."""
-    return tuple(str(v) for v in sorted(column.drop_nulls().unique().to_list()))
 
 
 def _is_counter(name: str) -> bool:

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import json
 
-from features.build import build_features, feature_summary, write_feature_outputs
+from features.build import (
+    build_features,
+    build_features_out_of_core,
+    feature_summary,
+    write_feature_outputs,
+)
 from features.dataset import dataset_kind, read_events, read_table, write_table
 from features.feature_spec import FeatureSpec
 from pipelines.step import Step, StepContext, StepResult
@@ -30,6 +35,10 @@ def run_features(ctx: StepContext) -> StepResult:
 
         ensure_ray(ctx.config.ray)
         outputs = build_features_on_ray(data, users, items, config)
+    elif config.partitions > 1:
+        # Examples go straight into the staging folder (spill files beside them,
+        # removed before it returns), so nothing is published on an error.
+        outputs = build_features_out_of_core(events, users, items, config, ctx.output)
     else:
         outputs = build_features(events, users, items, config)
     counts = write_feature_outputs(outputs, ctx.output)
@@ -39,7 +48,11 @@ def run_features(ctx: StepContext) -> StepResult:
         row_counts=counts,
         metrics={f"features_{k}": v for k, v in summary.items()},
         artifacts=("feature_spec.json", "feature_summary.json"),
-        extra={"engine": config.engine, "as_of": outputs.as_of.isoformat()},
+        extra={
+            "engine": config.engine,
+            "partitions": config.partitions if config.engine == "polars" else None,
+            "as_of": outputs.as_of.isoformat(),
+        },
     )
 
 
@@ -65,7 +78,8 @@ FEATURES = Step(
     run=run_features,
     description="point-in-time training examples, day buckets and latest vectors (offline store)",
     inputs=("validate",),
-    # The engine does not change the output (tested), so it is not part of the fingerprint.
+    # Neither the engine nor features.partitions changes the output (tested), so
+    # they are not part of the fingerprint.
     config_keys=(
         "features.windows_days",
         "features.ctr_prior_strength",

@@ -31,8 +31,9 @@ def test_ray_engine_equals_polars_engine(
     # Three partitions: users and items of one partition never all share a block.
     distributed = build_features_on_ray(validated, users, items, config, partitions=3)
     assert local.prior == distributed.prior and local.as_of == distributed.as_of
+    assert local.n_examples == distributed.n_examples
+    assert local.examples.collect().equals(distributed.examples.collect())
     for name in (
-        "examples",
         "user_buckets",
         "item_buckets",
         "latest_user",
@@ -53,7 +54,7 @@ def test_ray_engine_equals_polars_engine(
         ), name
     assert local.sketches.item_frequency.equals(distributed.sketches.item_frequency)
     assert (
-        local.examples.height
+        local.n_examples
         == pl.from_arrow(
             read_events(validated).filter(pl.col("event_type") == "impression").collect().to_arrow()
         ).height
