@@ -1,6 +1,6 @@
 """Feature aggregation speed and memory: polars engine, ray engine, plain pandas.
 
-    python benchmarks/features.py --events 10000000 --json out.json
+    python benchmarks/features.py --events 10000000 --partitions 8 --json out.json
 
 The workload is the mergeable part of the feature build, on simulated events
 read from Parquet: user and item day buckets (:func:`aggregate_events`), then
@@ -11,6 +11,12 @@ Ray start-up is excluded from the ray engine's time (it is paid once per
 cluster, not per build). Sketch accuracy (HLL relative error, Count-Min
 under/over-estimates) is measured on the same events when the sketch module
 is present.
+
+The whole feature build (training frame, spec, sketches, written outputs) is
+measured twice more, each in a fresh subprocess so one's peak RSS cannot mask
+the other's: in memory (``features.partitions = 1``, the baseline) and out of
+core (``--partitions``). Their written examples and specs are checked equal
+(one day file at a time) before the figures are reported.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import datetime as dt
 import json
 import resource
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,8 +43,13 @@ import pandas as pd
 import polars as pl
 
 from features.aggregates import aggregate_events, entity_features, prior_from_buckets
-from features.build import end_of_log
-from features.dataset import read_events
+from features.build import (
+    build_features,
+    build_features_out_of_core,
+    end_of_log,
+    write_feature_outputs,
+)
+from features.dataset import read_events, read_table
 from features.simulator import ClickLogSimulator
 from infra.config import RayConfig, SimulatorConfig, load_config
 from infra.storage import StoragePath
@@ -183,12 +195,69 @@ def sketch_accuracy(data: StoragePath) -> dict[str, float]:
     }
 
 
+def whole_build(data: Path, out: Path, partitions: int) -> dict[str, float]:
+    """The ``features`` step's work (build + write) on ``data``; run in a subprocess.
+
+    ``partitions`` 1 builds in memory, more builds out of core. Returns the
+    seconds and this process's peak RSS.
+    """
+    config = load_config("default", [f"features.partitions={partitions}"], environ={}).features
+    source, target = StoragePath.from_uri(data), StoragePath.from_uri(out)
+    users = read_table(source.join("users.parquet"))
+    items = read_table(source.join("items.parquet"))
+    start = time.perf_counter()
+    if partitions > 1:
+        outputs = build_features_out_of_core(read_events(source), users, items, config, target)
+    else:
+        outputs = build_features(read_events(source), users, items, config)
+    counts = write_feature_outputs(outputs, target)
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+        "examples": counts["examples"],
+    }
+
+
+def whole_build_in_subprocess(data: Path, out: Path, partitions: int) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", str(partitions), str(data), str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_same_build(ours: Path, theirs: Path) -> int:
+    """Equal specs, and equal examples file by file (one day in memory at a time)."""
+    if (ours / "feature_spec.json").read_text() != (theirs / "feature_spec.json").read_text():
+        raise SystemExit("out of core: the feature spec differs from the in-memory build")
+    files = sorted(p.relative_to(ours) for p in (ours / "examples").rglob("*.parquet"))
+    other = sorted(p.relative_to(theirs) for p in (theirs / "examples").rglob("*.parquet"))
+    if files != other:
+        raise SystemExit("out of core: the example files differ from the in-memory build")
+    for name in files:
+        if not pl.read_parquet(ours / name).equals(pl.read_parquet(theirs / name)):
+            raise SystemExit(f"out of core: {name} differs from the in-memory build")
+    return len(files)
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["--child"]:
+        partitions, data, out = raw[1:4]
+        print(json.dumps(whole_build(Path(data), Path(out), int(partitions))))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--partitions", type=int, default=8, help="entity partitions of the out-of-core build"
+    )
     parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(raw)
+    if args.partitions < 2:
+        parser.error("--partitions must be at least 2 (1 is the in-memory baseline)")
 
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-") as tmp:
         data = simulate(args.events, Path(tmp) / "data")
@@ -209,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         ray_s, ray_out = timed(lambda: ray_engine(data), args.repeats)
         check_equal(polars_out, ray_out, "ray")  # type: ignore[arg-type]
         sketches = sketch_accuracy(data)
+        del polars_out, ray_out
+
+        # The whole build, each in its own process: in memory first (the baseline).
+        root = data.local_path()
+        in_memory = whole_build_in_subprocess(root, Path(tmp) / "in_memory", 1)
+        out_of_core = whole_build_in_subprocess(root, Path(tmp) / "out_of_core", args.partitions)
+        days = check_same_build(Path(tmp) / "out_of_core", Path(tmp) / "in_memory")
 
     result = {
         "events": n_events,
@@ -221,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         "ray_over_polars": ray_s / polars_s,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_after_polars_mb": rss_after_polars,
+        "examples": in_memory["examples"],
+        "partitions": args.partitions,
+        "polars_build_s": in_memory["seconds"],
+        "polars_peak_rss_mb": in_memory["peak_rss_mb"],
+        "out_of_core_s": out_of_core["seconds"],
+        "out_of_core_peak_rss_mb": out_of_core["peak_rss_mb"],
+        "out_of_core_over_polars_build": out_of_core["seconds"] / in_memory["seconds"],
+        "out_of_core_rss_ratio": out_of_core["peak_rss_mb"] / in_memory["peak_rss_mb"],
         "measured_at": dt.datetime.now(dt.UTC).isoformat(),
         **sketches,
     }
@@ -234,6 +318,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<34}{seconds:>10.2f}{n_events / seconds:>14,.0f}{seconds / polars_s:>10.2f}x")
     print(f"events: {n_events:,}; ray start-up {ray_start_s:.1f} s; peak RSS {result['peak_rss_mb']:.0f} MB "
           f"(after polars only: {rss_after_polars:.0f} MB)")  # fmt: skip
+    print()
+    print(f"{'whole build (own process)':<34}{'seconds':>10}{'peak RSS MB':>14}{'vs memory':>11}")
+    for name, run in (
+        ("in memory (partitions 1)", in_memory),
+        (f"out of core (partitions {args.partitions})", out_of_core),
+    ):
+        print(
+            f"{name:<34}{run['seconds']:>10.2f}{run['peak_rss_mb']:>14,.0f}"
+            f"{run['peak_rss_mb'] / in_memory['peak_rss_mb']:>10.2f}x"
+        )
+    print(f"{in_memory['examples']:,} examples in {days} day files, equal in both builds")
     for key, value in sketches.items():
         print(f"{key}: {value:.4g}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
