@@ -82,7 +82,7 @@ class ExactIndex(CandidateIndex):
             step = max(k, SCORE_BLOCK_BYTES // (4 * (q1 - q0)))
             for i0 in range(0, n, step):
                 i1 = min(i0 + step, n)
-                block = queries[q0:q1] @ self._vectors[i0:i1].T
+                block = _scores(queries[q0:q1], self._vectors[i0:i1])
                 if sub is not None:
                     _mask(block, sub, i0, i1)
                 s, p = top_k(block, k)
@@ -139,6 +139,18 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     # Sort by score descending, then column ascending (lexsort: last key is primary).
     order = np.lexsort((cols, -values), axis=1)
     return np.take_along_axis(values, order, axis=1), np.take_along_axis(cols, order, axis=1)
+
+
+def _scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``(B, n)`` inner products of ``queries`` (B, D) with ``vectors`` (n, D).
+
+    One query goes through a matrix-vector product: a multi-threaded BLAS GEMM of
+    one row waits for its second thread, which on a busy 2-core machine cost
+    8 ms against 0.4 ms at 50k items (measured; memory-bound either way at 1M).
+    """
+    if len(queries) == 1:
+        return (vectors @ queries[0])[None, :]
+    return queries @ vectors.T
 
 
 def _merge(
