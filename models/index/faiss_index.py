@@ -81,8 +81,9 @@ class HnswIndex(_FaissIndex):
     """HNSW graph over ``vectors`` (N, D) keyed by ``ids`` (N,).
 
     ``m``: neighbours per node (``2 * m`` on the bottom layer); ``ef_construction``:
-    candidate list while inserting; ``ef_search``: candidate list while searching
-    (raised to ``k`` when smaller), the recall / latency knob, settable after build.
+    candidate list while inserting; ``ef_search``: candidate list while searching,
+    the recall / latency knob, settable after build (Faiss sizes the list to
+    ``max(ef_search, k)`` but stops after ``ef_search`` steps: keep it ``>= k``).
     """
 
     kind = "hnsw"
@@ -91,8 +92,8 @@ class HnswIndex(_FaissIndex):
         self,
         ids: np.ndarray,
         vectors: np.ndarray,
-        m: int = 32,
-        ef_construction: int = 200,
+        m: int = 16,
+        ef_construction: int = 100,
         ef_search: int = 128,
     ) -> None:
         vectors = check_vectors(vectors, "vectors")
