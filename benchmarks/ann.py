@@ -5,7 +5,7 @@
 Item vectors come from a seeded Gaussian mixture on the unit sphere
 (:class:`models.index.EmbeddingMixture`, ``sqrt(items)`` clusters), the usual
 stand-in for learned embeddings; ``--queries`` queries are fresh draws from the
-same mixture (users near item clusters). Ground truth is exact search in one
+same mixture (users near item clusters); ``--clusters`` and ``--spread`` make it harder. Ground truth is exact search in one
 batch. Per kind, built from ``models.index`` with the ``default`` preset's
 ``models.index`` settings (overridable below):
 
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spread", type=float, default=1.0, help="mixture noise (1: cos 0.5 within a cluster)"
     )
+    parser.add_argument("--clusters", type=int, help="mixture clusters (default sqrt(items))")
     parser.add_argument(
         "--exclude", type=int, default=50, help="nearest items excluded per query (0: skip)"
     )
@@ -194,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     config = index_config(args)
 
     started = time.perf_counter()
-    mixture = EmbeddingMixture.random(
-        max(1, round(np.sqrt(args.items))), args.dim, args.spread, args.seed
-    )
+    clusters = args.clusters or max(1, round(np.sqrt(args.items)))
+    mixture = EmbeddingMixture.random(clusters, args.dim, args.spread, args.seed)
     ids = np.arange(args.items, dtype=np.int64)
     vectors = mixture.sample(args.items, seed=args.seed + 1)
     queries = mixture.sample(args.queries, seed=args.seed + 2)
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k,
         "batch": args.batch,
         "spread": args.spread,
+        "clusters": clusters,
         "exclude": args.exclude,
         "index_config": config.model_dump(),
         "faiss_threads": faiss.omp_get_max_threads(),
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
     recall_key = f"recall@{args.k}"
     print(
-        f"\n{args.items:,} items x {args.dim}, {args.queries:,} queries, k={args.k}, "
+        f"\n{args.items:,} items x {args.dim} ({clusters:,} clusters, spread {args.spread}), "
+        f"{args.queries:,} queries, k={args.k}, "
         f"{result['cpus']} cpus, faiss threads {result['faiss_threads']}"
     )
     print(

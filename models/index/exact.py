@@ -28,7 +28,11 @@ VECTORS_FILE = "vectors.npy"
 
 
 class ExactIndex(CandidateIndex):
-    """Exact top-k by inner product over ``vectors`` (N, D) float32 keyed by ``ids`` (N,)."""
+    """Exact top-k by inner product over ``vectors`` (N, D) float32 keyed by ``ids`` (N,).
+
+    ``vectors`` that are already float32, C-contiguous and in id order are kept
+    without a copy (1M x 64 is 256 MB): do not modify them afterwards.
+    """
 
     kind = "exact"
 
