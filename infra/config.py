@@ -326,11 +326,52 @@ class SplitConfig(Section):
         return self
 
 
+class RetrievalConfig(Section):
+    """The retrieval model (models.two_tower), its task and its Ray Train loop.
+
+    Defaults were chosen on MovieLens-100K's validation split (RecBole protocol).
+    """
+
+    # two_tower: ids + history + attributes through MLP towers; mf: matrix
+    # factorisation (user and item id embeddings, dot product) in the same code path.
+    kind: Literal["two_tower", "mf"] = "two_tower"
+    embedding_dim: int = Field(default=64, ge=1)
+    # Recent training items pooled into the user vector.
+    history_length: int = Field(default=50, ge=1)
+    hidden: tuple[int, ...] = (256,)
+    attribute_dim: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    item_id_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    # A per-user id embedding memorises fast on small data; history carries the user.
+    use_user_id: bool = False
+    use_attributes: bool = True
+    # Softmax temperature of the in-batch loss (cosine logits / temperature).
+    temperature: float = Field(default=0.1, gt=0.0)
+    logq_correction: bool = True
+    # Extra uniform negatives shared by a batch, and hard negatives per row from the index.
+    uniform_negatives: int = Field(default=0, ge=0)
+    hard_negatives: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=1024, ge=2)
+    epochs: int = Field(default=30, ge=1)
+    learning_rate: float = Field(default=0.003, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    # Early stopping: epochs without a better validation recall@eval_k.
+    patience: int = Field(default=3, ge=1)
+    eval_k: int = Field(default=10, ge=1)
+    # Ray Train: workers, GPUs when present, bf16/fp16 autocast on GPU, retries of a crashed worker.
+    workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    mixed_precision: bool = True
+    max_failures: int = Field(default=2, ge=0)
+    seed: int = 0
+
+
 class ModelsConfig(Section):
     """Model hyper-parameters and the candidate index."""
 
     index: IndexConfig = IndexConfig()
     split: SplitConfig = SplitConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
 
 
 class PipelineConfig(Section):

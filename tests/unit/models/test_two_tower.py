@@ -1,0 +1,147 @@
+"""The two-tower network, its retrieval task and the sparse optimiser."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from features.encoding import AttributeTable
+from models.optimizers import SparseDenseAdam
+from models.retrieval_task import Negatives, RetrievalTask, in_batch_log_q, uniform_log_q
+from models.two_tower import PAD, TwoTowerConfig, TwoTowerModel
+
+
+def _items(n: int) -> AttributeTable:
+    rng = np.random.default_rng(0)
+    return AttributeTable(
+        categorical=rng.integers(0, 4, (n, 1)),
+        cardinalities=(3,),
+        numeric=rng.standard_normal((n, 2)).astype(np.float32),
+        multi_hot=(rng.random((n, 5)) < 0.3).astype(np.float32),
+        names=("kind", "a", "b", "genres"),
+    )
+
+
+def _model(**overrides: object) -> TwoTowerModel:
+    config = TwoTowerConfig(n_items=30, n_users=10, embedding_dim=8, history_length=4, **overrides)
+    return TwoTowerModel(config, None, _items(30))
+
+
+def test_towers_give_unit_vectors_of_the_configured_width() -> None:
+    torch.manual_seed(0)
+    model = _model()
+    users = torch.tensor([0, 3, 99])  # 99 is an unseen user: hashed, still served
+    history = torch.tensor([[1, 2, 0, 0], [0, 0, 0, 0], [5, 6, 7, 8]])
+    u, i = model(users, history, torch.tensor([0, 29, 5]))
+    assert u.shape == (3, 8) and i.shape == (3, 8)
+    assert torch.allclose(u.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(i.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_history_padding_is_ignored_and_the_padding_row_stays_zero() -> None:
+    torch.manual_seed(0)
+    model = _model()
+    model.eval()
+    users = torch.tensor([1, 1])
+    a = model.user_tower(users, torch.tensor([[3, 4, 0, 0]]).repeat(2, 1))
+    b = model.user_tower(users, torch.tensor([[3, 0, 4, 0]]).repeat(2, 1))
+    assert torch.allclose(a, b, atol=1e-6)
+    assert float(model.item_tower.id_embedding.weight[PAD].detach().abs().sum()) == 0.0
+
+
+def test_unknown_items_and_new_items_use_the_content_only_path() -> None:
+    torch.manual_seed(0)
+    model = _model()
+    model.eval()
+    table = _items(30)
+    with torch.no_grad():
+        content = model.item_tower.content_only(table)
+        hidden = model.item_tower(torch.arange(30), torch.ones(30, dtype=torch.bool))
+        known = model.item_tower(torch.arange(30))
+    assert torch.allclose(content, hidden, atol=1e-5)
+    assert not torch.allclose(content, known, atol=1e-3)
+
+
+def test_matrix_factorisation_switches_parts_off() -> None:
+    model = _model(use_history=False, use_attributes=False, hidden=())
+    assert model.item_tower.attributes is None and model.user_tower.attributes is None
+    with pytest.raises(ValueError, match="at least one"):
+        TwoTowerConfig(
+            n_items=3, n_users=3, use_user_id=False, use_history=False, use_attributes=False
+        )
+
+
+def test_loss_matches_a_hand_computed_softmax() -> None:
+    # Two orthogonal users, each with its own item: logits [[1, 0], [0, 1]] / T.
+    users = torch.eye(2)
+    items = torch.eye(2)
+    task = RetrievalTask(temperature=0.5, logq_correction=False)
+    loss = task(users, items, torch.tensor([7, 8]))
+    expected = -math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_accidental_hits_are_masked_not_punished() -> None:
+    users = torch.eye(2)
+    items = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # the same item twice
+    ids = torch.tensor([4, 4])
+    masked = RetrievalTask(temperature=1.0, logq_correction=False)(users, items, ids)
+    # Row 0 sees only its positive (logit 1): loss 0. Row 1: positive logit 0, alone: loss 0.
+    assert float(masked) == pytest.approx(0.0, abs=1e-6)
+    unmasked = RetrievalTask(temperature=1.0, logq_correction=False, remove_accidental_hits=False)
+    assert float(unmasked(users, items, ids)) > 0.5
+
+
+def test_logq_correction_lowers_popular_negatives_only() -> None:
+    users = torch.eye(2)
+    items = torch.eye(2)
+    ids = torch.tensor([0, 1])
+    log_q = torch.tensor([math.log(10.0), 0.0])  # item 0 is ten times as likely a negative
+    task = RetrievalTask(temperature=1.0)
+    loss = task(users, items, ids, log_q)
+    # Row 0: positive 1 (uncorrected), negative item 1 at 0 - 0. Row 1: negative item 0 at 0 - log 10.
+    row0 = -math.log(math.e / (math.e + 1))
+    row1 = -math.log(math.e / (math.e + 0.1))
+    assert float(loss) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_extra_negatives_add_columns_and_mask_the_positive() -> None:
+    users = torch.eye(2)
+    items = torch.eye(2)
+    ids = torch.tensor([0, 1])
+    task = RetrievalTask(temperature=1.0, logq_correction=False)
+    base = float(task(users, items, ids))
+    uniform = Negatives(vectors=torch.tensor([[0.0, 1.0]]), ids=torch.tensor([5]))
+    assert float(task(users, items, ids, uniform=uniform)) > base
+    # A "hard" negative that is the row's own positive is masked: no change.
+    hard = Negatives(vectors=items.unsqueeze(1), ids=ids.unsqueeze(1))
+    assert float(task(users, items, ids, hard=hard)) == pytest.approx(base, rel=1e-6)
+
+
+def test_expected_counts() -> None:
+    assert float(in_batch_log_q(torch.tensor([0.01]), 100)[0]) == pytest.approx(0.0, abs=1e-6)
+    assert uniform_log_q(10, 1000) == pytest.approx(math.log(0.01))
+
+
+def test_sparse_adam_moves_only_the_rows_in_the_batch() -> None:
+    torch.manual_seed(0)
+    model = _model()
+    optimizer = SparseDenseAdam(model, lr=0.1)
+    assert len(optimizer.optimizers) == 2
+    before = model.item_tower.id_embedding.weight.detach().clone()
+    u, i = model(
+        torch.tensor([0, 1]), torch.tensor([[3, 0, 0, 0], [4, 0, 0, 0]]), torch.tensor([9, 10])
+    )
+    loss = RetrievalTask()(u, i, torch.tensor([9, 10]))
+    optimizer.zero_grad()
+    loss.backward()
+    assert model.item_tower.id_embedding.weight.grad.is_sparse
+    optimizer.step()
+    after = model.item_tower.id_embedding.weight.detach()
+    changed = set(torch.nonzero((after - before).abs().sum(dim=1)).flatten().tolist())
+    assert changed == {3, 4, 10, 11}  # history rows 3, 4 and items 9, 10 (row = id + 1)
+    state = optimizer.state_dict()
+    optimizer.load_state_dict(state)
