@@ -60,6 +60,17 @@ N_DAYS = 28
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory.
+
+    Linux: ``VmHWM``, the high-water mark of this process's own address
+    space. ``ru_maxrss`` survives fork + exec, so a subprocess started by a
+    large parent would report at least the parent's RSS at the fork.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
