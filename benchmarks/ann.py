@@ -22,7 +22,7 @@ The baseline is the exact kind measured in the same run: ``p50_vs_exact`` and
 ``ef_search`` and IVF at other ``nprobe`` values (same build).
 """
 
-# ruff: noqa: E402  (imports follow the sys.path fix below, as in benchmarks/features.py)
+
 
 from __future__ import annotations
 

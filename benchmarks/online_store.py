@@ -17,7 +17,7 @@ time and streaming ``apply_events`` throughput. Redis keys live under a
 unique prefix and are deleted at the end.
 """
 
-# ruff: noqa: E402  (imports follow the sys.path fix below, as in benchmarks/features.py)
+
 
 from __future__ import annotations
 

@@ -85,9 +85,21 @@ class AttributeEncoder(nn.Module):
 
     def __init__(self, table: AttributeTable, attribute_dim: int) -> None:
         super().__init__()
-        self.register_buffer("categorical", torch.as_tensor(table.categorical, dtype=torch.long))
-        self.register_buffer("numeric", torch.as_tensor(table.numeric, dtype=torch.float32))
-        self.register_buffer("multi_hot", torch.as_tensor(table.multi_hot, dtype=torch.float32))
+        # Only non-empty tables become buffers: zero-size tensors share a null data
+        # pointer, which torch.save refuses to store under different dtypes.
+        self.rows = table.rows
+        self.tables = [
+            name
+            for name, width in (
+                ("categorical", len(table.cardinalities)),
+                ("numeric", table.numeric.shape[1]),
+                ("multi_hot", table.multi_hot.shape[1]),
+            )
+            if width
+        ]
+        dtypes = {"categorical": torch.long, "numeric": torch.float32, "multi_hot": torch.float32}
+        for name in self.tables:
+            self.register_buffer(name, torch.tensor(getattr(table, name), dtype=dtypes[name]))
         self.embeddings = nn.ModuleList(
             nn.Embedding(card + 1, attribute_dim, padding_idx=0) for card in table.cardinalities
         )
@@ -99,11 +111,10 @@ class AttributeEncoder(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (B,) int64 -> (B, A)."""
-        n = self.categorical.shape[0]
-        known = rows < n
+        known = rows < self.rows
         safe = torch.where(known, rows, torch.zeros_like(rows))
         parts = [emb(self.categorical[safe, c]) for c, emb in enumerate(self.embeddings)]
-        parts += [self.numeric[safe], self.multi_hot[safe]]
+        parts += [getattr(self, name)[safe] for name in self.tables if name != "categorical"]
         out = torch.cat(parts, dim=1)
         return out * known.unsqueeze(1)
 
