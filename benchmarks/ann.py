@@ -22,8 +22,6 @@ The baseline is the exact kind measured in the same run: ``p50_vs_exact`` and
 ``ef_search`` and IVF at other ``nprobe`` values (same build).
 """
 
-
-
 from __future__ import annotations
 
 import sys

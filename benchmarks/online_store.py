@@ -17,8 +17,6 @@ time and streaming ``apply_events`` throughput. Redis keys live under a
 unique prefix and are deleted at the end.
 """
 
-
-
 from __future__ import annotations
 
 import sys
