@@ -36,24 +36,15 @@ import numpy as np
 import polars as pl
 
 from features.sources.files import read_user_item_lines
-from features.sources.movielens import read_movielens
 from features.splits import Split, random_split
 from infra.config import RayrecConfig, RetrievalConfig, load_config
 from infra.ray_runtime import ensure_ray
 from models.metrics import RankingReport, full_ranking_metrics
-from pipelines.retrieval.data import RetrievalData, prepare_retrieval_data
+from pipelines.retrieval.data import RetrievalData, movielens_random_split, prepare_retrieval_data
 from pipelines.retrieval.loop import StepInputs, validate
 from pipelines.retrieval.trainer import train_retrieval
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-
-
-def movielens_split(name: str, seed: int) -> tuple[Split, pl.DataFrame, pl.DataFrame]:
-    tables = read_movielens(DATASETS / name)
-    events = tables.events.select(
-        "user_id", "item_id", pl.from_epoch(pl.col("ts").cast(pl.Int64), "s").alias("ts")
-    )
-    return random_split(events, (0.8, 0.1, 0.1), seed), tables.users, tables.items
 
 
 def lines_split(train: Path, test: Path, seed: int) -> tuple[Split, pl.DataFrame, pl.DataFrame]:
@@ -132,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         split, users, items = lines_split(args.train, args.test, args.seed)
         source = f"{args.train.name} + {args.test.name}"
     else:
-        split, users, items = movielens_split(args.dataset, args.seed)
+        split, users, items = movielens_random_split(DATASETS / args.dataset, args.seed)
         source = args.dataset
     n_users = int(max(p["user_id"].max() or 0 for p in (split.train, split.valid, split.test))) + 1  # type: ignore[operator]
     n_items = int(max(p["item_id"].max() or 0 for p in (split.train, split.valid, split.test))) + 1  # type: ignore[operator]
