@@ -215,18 +215,27 @@ class UserTower(nn.Module):
         )
         self.project = mlp(in_dim, config.hidden, d, config.dropout)
 
+    def pool_history(self, history: torch.Tensor) -> torch.Tensor:
+        """history (B, L) item rows -> (B, D) mean of the non-padding rows (empty: zeros).
+
+        The batch's distinct rows are looked up once: the sparse gradient then has
+        one row per distinct item instead of B * L rows, which is what made the
+        optimiser's coalescing dominate a CPU step (~2× faster at L = 50).
+        """
+        rows, inverse = torch.unique(history, return_inverse=True)
+        weights = (history != PAD).to(self.item_embedding.weight.dtype)  # (B, L)
+        summed = F.embedding_bag(
+            inverse, self.item_embedding(rows), mode="sum", per_sample_weights=weights
+        )  # (B, D)
+        return summed / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+
     def forward(self, users: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """users (B,) int64 (any value: hashed), history (B, L) int64 rows -> (B, D)."""
         parts = []
         if self.id_embedding is not None:
             parts.append(self.id_embedding(torch.remainder(users, self.config.buckets)))
         if self.config.use_history:
-            # Mean over the non-padding rows; an empty history pools to zeros.
-            parts.append(
-                F.embedding_bag(
-                    history, self.item_embedding.weight, mode="mean", sparse=True, padding_idx=PAD
-                )
-            )
+            parts.append(self.pool_history(history))
         if self.attributes is not None:
             parts.append(self.attributes(torch.clamp(users, min=0)))
         return F.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
