@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from features.encoding import AttributeTable
+from models.artifacts import load_two_tower, save_two_tower
 from models.optimizers import SparseDenseAdam
 from models.retrieval_task import Negatives, RetrievalTask, in_batch_log_q, uniform_log_q
 from models.two_tower import PAD, TwoTowerConfig, TwoTowerModel
@@ -145,3 +147,26 @@ def test_sparse_adam_moves_only_the_rows_in_the_batch() -> None:
     assert changed == {3, 4, 10, 11}  # history rows 3, 4 and items 9, 10 (row = id + 1)
     state = optimizer.state_dict()
     optimizer.load_state_dict(state)
+
+
+def test_saved_model_loads_back_with_the_same_vectors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    users = AttributeTable(
+        categorical=np.array([[1], [2], [0]]),
+        cardinalities=(2,),
+        numeric=np.zeros((3, 0), np.float32),
+        multi_hot=np.zeros((3, 0), np.float32),
+    )
+    config = TwoTowerConfig(n_items=30, n_users=3, embedding_dim=8, history_length=4)
+    model = TwoTowerModel(config, users, _items(30))
+    model.eval()
+    save_two_tower(model, tmp_path / "model")
+    loaded = load_two_tower(tmp_path / "model")
+    history = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [0, 0, 0, 0]])
+    with torch.no_grad():
+        assert torch.equal(model.all_item_vectors(), loaded.all_item_vectors())
+        assert torch.equal(
+            model.user_tower(torch.arange(3), history), loaded.user_tower(torch.arange(3), history)
+        )
+    with pytest.raises(FileNotFoundError, match=r"two_tower\.json"):
+        load_two_tower(tmp_path)
