@@ -82,7 +82,7 @@ def popularity_report(data: RetrievalData, ks: tuple[int, ...]) -> RankingReport
     counts = np.bincount(data.train_items, minlength=data.n_items).astype(np.float32)
 
     def score(users: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(counts, (len(users), data.n_items))
+        return np.tile(counts, (len(users), 1))
 
     return full_ranking_metrics(score, data.seen_for_test, data.test, data.n_items, ks=ks)
 
