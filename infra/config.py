@@ -337,16 +337,16 @@ class RetrievalConfig(Section):
     kind: Literal["two_tower", "mf"] = "two_tower"
     embedding_dim: int = Field(default=64, ge=1)
     # Recent training items pooled into the user vector.
-    history_length: int = Field(default=50, ge=1)
+    history_length: int = Field(default=100, ge=1)
     hidden: tuple[int, ...] = (256,)
     attribute_dim: int = Field(default=16, ge=1)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Dropout in the tower MLPs: without it the user id embedding memorises in ~6 epochs.
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     item_id_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    # A per-user id embedding memorises fast on small data; history carries the user.
-    use_user_id: bool = False
+    use_user_id: bool = True
     use_attributes: bool = True
     # Softmax temperature of the in-batch loss (cosine logits / temperature).
-    temperature: float = Field(default=0.1, gt=0.0)
+    temperature: float = Field(default=0.08, gt=0.0)
     logq_correction: bool = True
     # Extra uniform negatives shared by a batch, and hard negatives per row from the index.
     uniform_negatives: int = Field(default=0, ge=0)
@@ -364,6 +364,9 @@ class RetrievalConfig(Section):
     mixed_precision: bool = True
     max_failures: int = Field(default=2, ge=0)
     seed: int = 0
+    # MLflow registry: the model name, and the test metric a challenger must beat to be champion.
+    registered_model: str = "rayrec-retrieval"
+    gate_metric: str = "recall@10"
 
 
 class ModelsConfig(Section):

@@ -44,6 +44,12 @@ features_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 app.add_typer(config_app, name="config")
+train_app = typer.Typer(help="Train models (Ray Train).", no_args_is_help=True)
+index_app = typer.Typer(help="Candidate index of the trained item vectors.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Offline evaluation on held-out data.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(index_app, name="index")
+app.add_typer(evaluate_app, name="evaluate")
 
 out = Console()
 
@@ -210,6 +216,66 @@ def features_materialize(
     """Load the latest feature values into the online store (SQLite or Redis, by config)."""
     config = _config(preset, sets)
     _run(config, "materialize", force, track=True)
+
+
+@train_app.command("retrieval")
+def train_retrieval_command(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option(help="Train again even when the model is current.")
+    ] = False,
+) -> None:
+    """Train the two-tower retrieval model (and the steps it needs) on Ray Train."""
+    config = _config(preset, sets)
+    _run(config, "train_retrieval", force, track=True)
+
+
+@index_app.command("build")
+def index_build(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option(help="Build again even when the index is current.")
+    ] = False,
+) -> None:
+    """Build the candidate index (exact, HNSW or IVF by catalogue size and config)."""
+    config = _config(preset, sets)
+    _run(config, "index", force, track=True)
+
+
+@evaluate_app.command("retrieval")
+def evaluate_retrieval(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """Test metrics of the current retrieval model beside the most-popular baseline."""
+    from pipelines.runner import published
+
+    config = _config(preset, sets)
+    _run(config, "train_retrieval", False, track=True)
+    current = published(config, "train_retrieval")
+    if current is None:
+        raise typer.Exit(1)
+    summary = json.loads(current.path.join("retrieval.json").read_text())
+    if "test" not in summary:
+        out.print(f"no retrieval model: {summary}")
+        return
+    table = Table(title="retrieval, test split, full ranking (seen items excluded)")
+    table.add_column("metric")
+    table.add_column("two_tower", justify="right")
+    table.add_column("popularity", justify="right")
+    for key in (
+        "recall@10",
+        "ndcg@10",
+        "mrr@10",
+        "hit@10",
+        "recall@50",
+        "recall@100",
+        "coverage@10",
+    ):
+        popular = summary["popularity_test"].get(key)
+        table.add_row(
+            key, f"{summary['test'][key]:.4f}", "-" if popular is None else f"{popular:.4f}"
+        )
+    out.print(table)
 
 
 @config_app.command("show")

@@ -6,9 +6,22 @@ from pipelines.dag import Pipeline
 from pipelines.steps.features import FEATURES
 from pipelines.steps.ingest import INGEST
 from pipelines.steps.materialize import MATERIALIZE
+from pipelines.steps.retrieval import INDEX, REGISTER_RETRIEVAL, TRAIN_RETRIEVAL
 from pipelines.steps.summarize import SUMMARIZE
 from pipelines.steps.validate import VALIDATE
 
-MAIN = Pipeline("main", (INGEST, VALIDATE, SUMMARIZE, FEATURES, MATERIALIZE))
+MAIN = Pipeline(
+    "main",
+    (
+        INGEST,
+        VALIDATE,
+        SUMMARIZE,
+        FEATURES,
+        MATERIALIZE,
+        TRAIN_RETRIEVAL,
+        INDEX,
+        REGISTER_RETRIEVAL,
+    ),
+)
 
 PIPELINES = {MAIN.name: MAIN}

@@ -161,11 +161,16 @@ def _run_id(model_uri: str) -> str | None:
     return run.info.run_id if run else None
 
 
+def metric_name(key: str) -> str:
+    """MLflow metric names allow no ``@``: ``recall@10`` -> ``recall_at_10``."""
+    return key.replace("@", "_at_")
+
+
 def log_training_history(history: list[dict[str, Any]]) -> None:
     """Per-epoch metrics of a training run, with ``step`` = epoch."""
     for row in history:
         metrics = {
-            k: float(v)
+            metric_name(k): float(v)
             for k, v in row.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"
         }

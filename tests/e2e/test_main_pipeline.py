@@ -55,9 +55,26 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
         "dataset_summary.png",
     }
 
+    # Retrieval: trained, indexed, registered as champion (the first model), loadable by alias.
+    registered = json.loads(
+        published(config, "register_retrieval").path.join("registered.json").read_text()  # type: ignore[union-attr]
+    )
+    assert registered["promoted"] and registered["reason"] == "no champion yet"
+    champion = client.get_model_version_by_alias(
+        config.models.retrieval.registered_model, "champion"
+    )
+    assert str(champion.version) == registered["version"]
+    index = json.loads(published(config, "index").path.join("index.json").read_text())  # type: ignore[union-attr]
+    assert index["count"] == config.simulator.n_items
+
     capsys.readouterr()
     assert main(args) == 0
     assert {s["status"] for s in list_runs(config)[0]["steps"]} == {"skipped"}
+
+    capsys.readouterr()
+    assert main(["evaluate", "retrieval", *args[1:]]) == 0
+    printed = capsys.readouterr().out
+    assert "recall@10" in printed and "popularity" in printed
 
 
 def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
@@ -106,7 +123,8 @@ def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
 
 
 def test_features_step_publishes_the_offline_store(workdir: Path) -> None:
-    assert main(["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}", "--no-track"]) == 0
+    run = ["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}", "--no-track"]
+    assert main([*run, "--until", "materialize"]) == 0
     config = load_config("tiny", [f"paths.workdir={workdir}"], environ={})
     features = published(config, "features")
     assert features is not None
@@ -129,7 +147,8 @@ def test_features_step_publishes_the_offline_store(workdir: Path) -> None:
 def test_materialize_serves_the_batch_values_from_the_online_store(workdir: Path) -> None:
     from features.online_store import make_online_store
 
-    assert main(["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}", "--no-track"]) == 0
+    run = ["run", "--preset", "tiny", "--set", f"paths.workdir={workdir}", "--no-track"]
+    assert main([*run, "--until", "materialize"]) == 0
     config = load_config("tiny", [f"paths.workdir={workdir}"], environ={})
     latest = published(config, "features").path.join("latest")  # type: ignore[union-attr]
     users = pl.read_parquet(latest.join("user.parquet").local_path())

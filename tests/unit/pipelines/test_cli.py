@@ -49,7 +49,7 @@ def test_unknown_step_is_named(capsys: pytest.CaptureFixture[str], tmp_path) -> 
         main(["run", "-p", "tiny", "--set", f"paths.workdir={tmp_path}", "--until", "nosuch"]) == 2
     )
     assert (
-        "has no step 'nosuch'; steps: ingest, validate, summarize, features, materialize"
+        "has no step 'nosuch'; steps: ingest, validate, summarize, features, train_retrieval, materialize"
         in capsys.readouterr().err
     )
 

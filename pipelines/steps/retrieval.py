@@ -1,0 +1,222 @@
+"""Retrieval steps: train the two-tower, build its candidate index, register it.
+
+``train_retrieval``  positives of the validated events -> split (``models.split``)
+                     -> Ray Train -> full-ranking test metrics beside a
+                     most-popular baseline; publishes ``model/``, metrics, the
+                     per-epoch history and plots.
+``index``            item vectors of the trained model -> candidate index
+                     (``models.index``) with its recall against exact search.
+``register_retrieval`` the model, its index and feature spec to MLflow (a nested
+                     run with per-epoch metrics and plots), registered as
+                     ``challenger``; ``champion`` only when the gated metric wins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import torch
+
+from features.dataset import dataset_kind, read_events, read_table
+from features.splits import make_split
+from infra.ray_runtime import ensure_ray
+from models.artifacts import load_two_tower, save_two_tower
+from models.metrics import full_ranking_metrics
+from pipelines.retrieval.data import RetrievalData, prepare_retrieval_data
+from pipelines.retrieval.loop import StepInputs, validate
+from pipelines.retrieval.plots import plot_history, plot_recall_at_k
+from pipelines.retrieval.registry import (
+    log_training_history,
+    log_two_tower,
+    metric_name,
+    register_and_gate,
+)
+from pipelines.retrieval.trainer import train_retrieval
+from pipelines.step import Step, StepContext, StepResult
+
+KS = (10, 20, 50, 100)
+
+
+def positives(events: pl.LazyFrame) -> pl.DataFrame:
+    """Interactions to retrieve: positive events, one row per (user, item, ts)."""
+    return (
+        events.filter(pl.col("label") > 0)
+        .select("user_id", "item_id", "ts")
+        .unique(maintain_order=True)
+        .collect()
+    )
+
+
+def retrieval_data(ctx: StepContext) -> RetrievalData | None:
+    data = ctx.input_path("validate")
+    if dataset_kind(data)["kind"] == "ctr":
+        return None
+    users = read_table(data.join("users.parquet"))
+    items = read_table(data.join("items.parquet"))
+    interactions = positives(read_events(data))
+    n_users = int(max(users["user_id"].max() or 0, interactions["user_id"].max() or 0)) + 1  # type: ignore[operator]
+    n_items = int(max(items["item_id"].max() or 0, interactions["item_id"].max() or 0)) + 1  # type: ignore[operator]
+    split = make_split(interactions, ctx.config.models.split)
+    return prepare_retrieval_data(
+        split,
+        users,
+        items,
+        n_users,
+        n_items,
+        ctx.config.models.retrieval,
+        ctx.config.features.sketches,
+    )
+
+
+def run_train_retrieval(ctx: StepContext) -> StepResult:
+    data = retrieval_data(ctx)
+    if data is None:
+        ctx.output.join("retrieval.json").write_text_atomic(json.dumps({"skipped": "ctr dataset"}))
+        return StepResult(extra={"skipped": True})
+    config = ctx.config.models.retrieval
+    ensure_ray(ctx.config.ray)
+    storage = Path(ctx.workdir.local_path()) / "ray_results"
+    trained = train_retrieval(data, config, storage)
+    inputs = StepInputs(data, torch.device("cpu"))
+    test = validate(trained.model, data, inputs, KS, part="test")
+    counts = np.bincount(data.train_items, minlength=data.n_items).astype(np.float32)
+    popular = full_ranking_metrics(
+        lambda users: np.tile(counts, (len(users), 1)),
+        data.seen_for_test,
+        data.test,
+        data.n_items,
+        ks=KS,
+    ).metrics
+    out = Path(ctx.output.local_path())
+    save_two_tower(trained.model, out / "model")
+    summary = {
+        "test": test,
+        "popularity_test": dict(popular),
+        "best_epoch": trained.best_epoch,
+        "best_valid": trained.best_valid,
+        "train_s": trained.wall_s,
+        "users": data.n_users,
+        "items": data.n_items,
+        "train_pairs": data.n_train,
+    }
+    (out / "retrieval.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "history.json").write_text(json.dumps(trained.history, indent=2, default=float))
+    plot_history(trained.history, out / "plots" / "loss.png")
+    plot_recall_at_k(
+        {"two_tower": test, "popularity": popular}, KS, out / "plots" / "recall_at_k.png"
+    )
+    metrics = {
+        metric_name(f"retrieval_{k}"): v
+        for k, v in test.items()
+        if k.split("@")[0] in ("recall", "ndcg", "hit", "mrr", "coverage")
+    }
+    metrics.update({metric_name(f"popularity_recall@{k}"): popular[f"recall@{k}"] for k in KS})
+    return StepResult(
+        row_counts={"train_pairs": data.n_train, "items": data.n_items, "users": data.n_users},
+        metrics=metrics,
+        artifacts=("retrieval.json", "history.json", "plots/loss.png", "plots/recall_at_k.png"),
+        extra={"best_epoch": trained.best_epoch},
+    )
+
+
+def run_index(ctx: StepContext) -> StepResult:
+    trained = Path(ctx.input_path("train_retrieval").local_path())
+    if not (trained / "model").exists():
+        ctx.output.join("index.json").write_text_atomic(json.dumps({"skipped": "no model"}))
+        return StepResult(extra={"skipped": True})
+    # Imported here: Faiss loads (and logs) on import, which every CLI command would pay.
+    from models.index import build_index_with_report
+
+    model = load_two_tower(trained / "model")
+    with torch.no_grad():
+        vectors = model.all_item_vectors().numpy()
+    ids = np.arange(len(vectors), dtype=np.int64)
+    # Recall is checked on sampled item vectors plus noise (user queries need
+    # histories, which live in the online store, not beside the model).
+    index, report = build_index_with_report(ids, vectors, ctx.config.models.index)
+    out = Path(ctx.output.local_path())
+    index.save(out / "index")
+    (out / "index.json").write_text(json.dumps(report.metrics(prefix=""), indent=2, default=str))
+    return StepResult(
+        row_counts={"items": len(index)},
+        metrics=report.metrics(),
+        artifacts=("index.json",),
+        extra={"kind": index.kind},
+    )
+
+
+def run_register_retrieval(ctx: StepContext) -> StepResult:
+    trained = Path(ctx.input_path("train_retrieval").local_path())
+    if not (trained / "model").exists() or mlflow.active_run() is None:
+        reason = "no model" if not (trained / "model").exists() else "tracking off"
+        ctx.output.join("registered.json").write_text_atomic(json.dumps({"skipped": reason}))
+        return StepResult(extra={"skipped": reason})
+    config = ctx.config.models.retrieval
+    summary = json.loads((trained / "retrieval.json").read_text())
+    history = json.loads((trained / "history.json").read_text())
+    gate_value = float(summary["test"][config.gate_metric])
+    extra = {"index": Path(ctx.input_path("index").local_path()) / "index"}
+    spec = Path(ctx.input_path("features").local_path()) / "feature_spec.json"
+    if spec.exists():
+        extra["feature_spec"] = spec
+    with mlflow.start_run(run_name="retrieval_model", nested=True):
+        mlflow.log_dict(ctx.config.model_dump(mode="json"), "config.json")
+        log_training_history(history)
+        mlflow.log_metrics({metric_name(f"test_{k}"): float(v) for k, v in summary["test"].items()})
+        for plot in (trained / "plots").glob("*.png"):
+            mlflow.log_artifact(str(plot), "plots")
+        uri = log_two_tower(load_two_tower(trained / "model"), extra)
+        registered = register_and_gate(uri, config.registered_model, config.gate_metric, gate_value)
+    record = {
+        "name": registered.name,
+        "version": registered.version,
+        "model_uri": registered.model_uri,
+        "promoted": registered.promoted,
+        "reason": registered.reason,
+        "gate_metric": config.gate_metric,
+        "gate_value": gate_value,
+    }
+    ctx.output.join("registered.json").write_text_atomic(json.dumps(record, indent=2))
+    return StepResult(
+        metrics={"promoted": float(registered.promoted)},
+        artifacts=("registered.json",),
+        extra=record,
+    )
+
+
+TRAIN_RETRIEVAL = Step(
+    name="train_retrieval",
+    run=run_train_retrieval,
+    description="two-tower retrieval on Ray Train, evaluated by full ranking against most-popular",
+    inputs=("validate",),
+    config_keys=("models.retrieval", "models.split", "features.sketches"),
+    code=(
+        "models",
+        "pipelines.retrieval",
+        "features.splits",
+        "features.encoding",
+        "pipelines.steps.retrieval",
+    ),
+)
+
+INDEX = Step(
+    name="index",
+    run=run_index,
+    description="candidate index of the trained item vectors, with its recall against exact search",
+    inputs=("train_retrieval",),
+    config_keys=("models.index",),
+    code=("models.index", "pipelines.steps.retrieval"),
+)
+
+REGISTER_RETRIEVAL = Step(
+    name="register_retrieval",
+    run=run_register_retrieval,
+    description="log the retrieval model, index and spec to MLflow; challenger, champion when better",
+    inputs=("train_retrieval", "index", "features"),
+    config_keys=("models.retrieval.registered_model", "models.retrieval.gate_metric"),
+    code=("pipelines.retrieval.registry", "pipelines.steps.retrieval"),
+)
