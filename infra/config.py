@@ -351,6 +351,9 @@ class RetrievalConfig(Section):
     # Extra uniform negatives shared by a batch, and hard negatives per row from the index.
     uniform_negatives: int = Field(default=0, ge=0)
     hard_negatives: int = Field(default=0, ge=0)
+    # Hard negatives are drawn from each user's top ``hard_negative_pool`` index
+    # results (training items excluded); the very top is often unlabelled positives.
+    hard_negative_pool: int = Field(default=50, ge=1)
     batch_size: int = Field(default=1024, ge=2)
     epochs: int = Field(default=30, ge=1)
     learning_rate: float = Field(default=0.003, gt=0.0)

@@ -23,6 +23,7 @@ user id still maps to a trained row.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.encoding import AttributeTable
+
+# The CSR history pooling is the documented, tested use of a "beta" feature.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 # Padding / unknown-item row of the item id embedding.
 PAD = 0
@@ -129,13 +133,38 @@ class AttributeEncoder(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+class ByteDropout(nn.Module):
+    """Dropout whose keep-mask comes from random bytes: drop probability rounded to 1/256.
+
+    On CPU, ``nn.Dropout``'s ``bernoulli_`` draws one random number per element
+    (~2.5 ms for a 1024×256 activation here, ~10% of a training step); eight
+    mask bytes per 64-bit draw make the mask ~6× cheaper. Same expectation:
+    kept activations are scaled by 1 / (1 - p).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.threshold = round(p * 256)
+        self.scale = 1.0 / (1.0 - self.threshold / 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        words = -(-x.numel() // 8)
+        draws = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=x.device)
+        keep = draws.view(torch.uint8)[: x.numel()].view(x.shape) >= self.threshold
+        return x * (keep.to(x.dtype) * self.scale)
+
+
 def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float) -> nn.Sequential:
     """Linear -> ReLU (-> dropout) per hidden width, then a linear output layer."""
     layers: list[nn.Module] = []
     for width in hidden:
         layers += [nn.Linear(in_dim, width), nn.ReLU()]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(ByteDropout(dropout))
         in_dim = width
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
@@ -218,16 +247,27 @@ class UserTower(nn.Module):
     def pool_history(self, history: torch.Tensor) -> torch.Tensor:
         """history (B, L) item rows -> (B, D) mean of the non-padding rows (empty: zeros).
 
-        The batch's distinct rows are looked up once: the sparse gradient then has
-        one row per distinct item instead of B * L rows, which is what made the
-        optimiser's coalescing dominate a CPU step (~2× faster at L = 50).
+        The batch's distinct rows are looked up once, so the sparse gradient has
+        one row per distinct item instead of B * L (the optimiser's coalescing
+        of B * L rows dominated a CPU step), and the mean is a sparse (B, U)
+        CSR matrix of ``1 / length`` weights times those U rows: its backward is
+        ~2× faster on CPU than ``embedding_bag``'s, and padding costs nothing.
         """
-        rows, inverse = torch.unique(history, return_inverse=True)
-        weights = (history != PAD).to(self.item_embedding.weight.dtype)  # (B, L)
-        summed = F.embedding_bag(
-            inverse, self.item_embedding(rows), mode="sum", per_sample_weights=weights
-        )  # (B, D)
-        return summed / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        rows, columns = distinct_rows(history, self.item_embedding.num_embeddings)
+        keep = history != PAD  # (B, L)
+        lengths = keep.sum(dim=1)  # (B,)
+        crow = F.pad(lengths.cumsum(0), (1, 0))  # (B + 1,)
+        weights = (1.0 / lengths.clamp_min(1).float()).repeat_interleave(lengths)
+        mean = torch.sparse_csr_tensor(
+            crow,
+            columns[keep],
+            weights,
+            size=(history.shape[0], rows.numel()),
+            check_invariants=False,
+        )
+        # Autocast has no reduced-precision sparse kernels everywhere: pool in float32.
+        with torch.autocast(history.device.type, enabled=False):
+            return mean @ self.item_embedding(rows).float()
 
     def forward(self, users: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """users (B,) int64 (any value: hashed), history (B, L) int64 rows -> (B, D)."""
@@ -239,6 +279,21 @@ class UserTower(nn.Module):
         if self.attributes is not None:
             parts.append(self.attributes(torch.clamp(users, min=0)))
         return F.normalize(self.project(torch.cat(parts, dim=1)), dim=1)
+
+
+def distinct_rows(ids: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (any shape) in ``0..n_rows-1`` -> (sorted distinct ids (U,), their positions, ids' shape).
+
+    ``torch.unique`` without the sort: mark the present ids in an ``n_rows``
+    mask; linear in ``n_rows + ids.numel()``, which beats sorting B * L ids
+    for any catalogue that fits in memory.
+    """
+    present = torch.zeros(n_rows, dtype=torch.bool, device=ids.device)
+    present[ids] = True
+    rows = present.nonzero().squeeze(1)
+    position = torch.empty(n_rows, dtype=torch.long, device=ids.device)
+    position[rows] = torch.arange(rows.numel(), device=ids.device)
+    return rows, position[ids]
 
 
 class TwoTowerModel(nn.Module):

@@ -26,6 +26,7 @@ from models.optimizers import SparseDenseAdam
 from models.retrieval_task import Negatives, RetrievalTask, in_batch_log_q, uniform_log_q
 from models.two_tower import PAD, TwoTowerConfig, TwoTowerModel
 from pipelines.retrieval.data import RetrievalData
+from pipelines.retrieval.hard_negatives import HardNegativeMiner
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -85,11 +86,13 @@ def train_step(
     generator: torch.Generator,
     autocast: Any = None,
     forward: torch.nn.Module | None = None,
+    miner: HardNegativeMiner | None = None,
 ) -> float:
     """One optimiser step on a batch of (user, item) pairs (B,), (B,); returns the loss.
 
     ``forward``: the module to call (a DDP wrapper of ``model``, whose forward
-    arms the gradient all-reduce); ``model`` itself by default.
+    arms the gradient all-reduce); ``model`` itself by default. ``miner``:
+    adds hard negatives per row once it holds an index.
     """
     history = inputs.history[users]
     if model.config.use_history:
@@ -121,12 +124,18 @@ def train_step(
                     device=items.device,
                 ),
             )
+        hard = (
+            miner.negatives(model, users, items, user_vectors.detach(), generator)
+            if miner is not None
+            else None
+        )
         loss = task(
             user_vectors.float(),
             item_vectors.float(),
             items,
             in_batch_log_q(inputs.probability[items], items.shape[0]),
             uniform=uniform,
+            hard=hard,
         )
     optimizer.zero_grad()
     loss.backward()
@@ -221,10 +230,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if config.use_gpu and config.mixed_precision and device.type == "cuda"
         else None
     )
+    miner = HardNegativeMiner(config, data.seen_for_valid) if config.hard_negatives else None
     shard = ray.train.get_dataset_shard("train")
     ks = (config.eval_k, 20, 50)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
+        if miner is not None and epoch > 0:
+            # From the second epoch: the first epoch's vectors are still random.
+            miner.refresh(model)
         losses, samples = [], 0
         for batch in shard.iter_torch_batches(
             batch_size=config.batch_size,
@@ -249,6 +262,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     generator,
                     autocast,
                     trained,
+                    miner,
                 )
             )
             samples += int(users.shape[0])

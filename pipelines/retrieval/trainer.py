@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
@@ -51,9 +52,17 @@ def run_name(config: RetrievalConfig, data: RetrievalData) -> str:
     return f"retrieval-{config.kind}-{digest}"
 
 
-def train_dataset(data: RetrievalData) -> ray.data.Dataset:
-    """The training pairs as a Ray Dataset (columns ``user``, ``item``)."""
-    table = pa.table({"user": data.train_users, "item": data.train_items})
+def train_dataset(data: RetrievalData, seed: int) -> ray.data.Dataset:
+    """The training pairs as a Ray Dataset (columns ``user``, ``item``), in a seeded random order.
+
+    The pairs arrive sorted by user; a local shuffle buffer alone would leave
+    batches of few users, whose in-batch negatives are then mostly one user's
+    own positives (masked as accidental hits). On ML-100K the buffer alone
+    scored within seed noise of this (recall@10 0.2522 vs 0.2535), but the
+    buffer covers 16 batches: on a larger user-sorted log it would not mix.
+    """
+    order = np.random.default_rng(seed).permutation(data.n_train)
+    table = pa.table({"user": data.train_users[order], "item": data.train_items[order]})
     return ray.data.from_arrow(table)
 
 
@@ -78,7 +87,7 @@ def train_retrieval(
         train_loop_per_worker,
         train_loop_config={"config": config, "data": data, **(fault or {})},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
-        datasets={"train": train_dataset(data)},
+        datasets={"train": train_dataset(data, config.seed)},
         dataset_config=DataConfig(execution_options=options),
         run_config=RunConfig(
             name=name,

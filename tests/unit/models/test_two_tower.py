@@ -13,7 +13,7 @@ from features.encoding import AttributeTable
 from models.artifacts import load_two_tower, save_two_tower
 from models.optimizers import SparseDenseAdam
 from models.retrieval_task import Negatives, RetrievalTask, in_batch_log_q, uniform_log_q
-from models.two_tower import PAD, TwoTowerConfig, TwoTowerModel
+from models.two_tower import PAD, ByteDropout, TwoTowerConfig, TwoTowerModel, distinct_rows
 
 
 def _items(n: int) -> AttributeTable:
@@ -121,6 +121,72 @@ def test_extra_negatives_add_columns_and_mask_the_positive() -> None:
     # A "hard" negative that is the row's own positive is masked: no change.
     hard = Negatives(vectors=items.unsqueeze(1), ids=ids.unsqueeze(1))
     assert float(task(users, items, ids, hard=hard)) == pytest.approx(base, rel=1e-6)
+
+
+def _reference_loss(
+    users: torch.Tensor, items: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor, t: float
+) -> torch.Tensor:
+    """The textbook form: B×B logits, logQ off the negatives, hits masked, CE on the diagonal."""
+    logits = users @ items.T / t - log_q.unsqueeze(0) + torch.diag(log_q)
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)
+    same.fill_diagonal_(False)
+    return torch.nn.functional.cross_entropy(logits.masked_fill(same, -1e9), torch.arange(len(ids)))
+
+
+def test_loss_and_gradients_match_the_textbook_form_on_a_random_batch() -> None:
+    torch.manual_seed(0)
+    users = torch.nn.functional.normalize(torch.randn(64, 8), dim=1).requires_grad_()
+    items = torch.nn.functional.normalize(torch.randn(64, 8), dim=1).requires_grad_()
+    ids = torch.randint(0, 20, (64,))  # many duplicates: accidental hits
+    log_q = torch.randn(64)
+    fast = RetrievalTask(temperature=0.1)(users, items, ids, log_q)
+    fast_grads = torch.autograd.grad(fast, (users, items))
+    reference = _reference_loss(users, items, ids, log_q, 0.1)
+    reference_grads = torch.autograd.grad(reference, (users, items))
+    assert float(fast.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    for got, want in zip(fast_grads, reference_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_history_pooling_is_the_mean_of_the_items_embeddings_with_gradients() -> None:
+    torch.manual_seed(0)
+    model = _model(use_user_id=False, use_attributes=False, hidden=())
+    embedding = model.item_tower.id_embedding
+    history = torch.tensor([[3, 5, 3, 0], [0, 0, 0, 0], [30, 1, 2, 7]])
+    pooled = model.user_tower.pool_history(history)
+    weight = embedding.weight
+    expected = torch.stack(
+        [weight[[3, 5, 3]].mean(0), torch.zeros(8), weight[[30, 1, 2, 7]].mean(0)]
+    )
+    assert torch.allclose(pooled, expected, atol=1e-6)
+    pooled.sum().backward()
+    grad = embedding.weight.grad.coalesce().to_dense()
+    # Row 3 appears twice in a history of three: weight 2/3; rows of the 4-long history 1/4.
+    assert torch.allclose(grad[3], torch.full((8,), 2 / 3))
+    assert torch.allclose(grad[7], torch.full((8,), 1 / 4))
+    assert float(grad[PAD].abs().sum()) == 0.0
+
+
+def test_distinct_rows_agree_with_torch_unique() -> None:
+    ids = torch.randint(0, 50, (7, 9), generator=torch.Generator().manual_seed(1))
+    rows, positions = distinct_rows(ids, 50)
+    expected_rows, expected_positions = torch.unique(ids, return_inverse=True)
+    assert torch.equal(rows, expected_rows)
+    assert torch.equal(positions, expected_positions)
+
+
+def test_byte_dropout_keeps_the_expectation_and_is_off_in_eval() -> None:
+    torch.manual_seed(0)
+    dropout = ByteDropout(0.2)
+    x = torch.ones(1000, 300)
+    out = dropout(x)
+    dropped = float((out == 0).float().mean())
+    assert dropped == pytest.approx(51 / 256, abs=0.005)
+    assert float(out.mean()) == pytest.approx(1.0, abs=0.01)
+    dropout.eval()
+    assert torch.equal(dropout(x), x)
+    with pytest.raises(ValueError, match="dropout"):
+        ByteDropout(1.0)
 
 
 def test_expected_counts() -> None:
