@@ -1,6 +1,6 @@
 """A fixed train/test split in ``--format lines`` from the project's click-log simulator.
 
-    python benchmarks/lines_dataset.py --out DIR [--users 30000] [--items 40000] [--clicks 1000000]
+    python benchmarks/lines_dataset.py --out DIR [--users 30000] [--items 40000] [--clicks 1080000]
 
 Writes ``DIR/train.txt`` and ``DIR/test.txt``: one line per user, ``user item
 item …`` (the LightGCN / Gowalla layout that ``retrieval_quality.py --train
@@ -37,11 +37,12 @@ def simulate_clicks(users: int, items: int, clicks: int, seed: int) -> pl.DataFr
             f"simulator.n_users={users}",
             f"simulator.n_items={items}",
             f"simulator.seed={seed}",
-            "simulator.n_days=10",
-            # ~10% CTR and ~10% repeated (user, item) clicks: ~12 impressions per distinct click.
-            f"simulator.impressions_per_day={clicks * 12 // 10}",
+            # The default 28 days; ~10% CTR and few repeated (user, item) clicks:
+            # ~10 impressions per distinct click.
+            f"simulator.impressions_per_day={clicks * 10 // 28}",
             # A flatter popularity than the default, so the catalogue's tail gets clicks too.
-            "simulator.zipf_exponent=0.8",
+            "simulator.zipf_exponent=0.3",
+            "simulator.initial_item_fraction=0.95",
         ],
     ).simulator
     parts = [
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--users", type=int, default=30_000)
     parser.add_argument("--items", type=int, default=40_000)
-    parser.add_argument("--clicks", type=int, default=1_000_000)
+    parser.add_argument("--clicks", type=int, default=1_080_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -16,6 +16,11 @@ validation for early stopping is a random 10% of each user's training lines.
 
 Baselines in the same run: most-popular (training counts) and matrix
 factorisation (``models.retrieval.kind = mf``, same trainer and loss).
+Every mean comes with a 95% bootstrap CI over test users (``*_ci95``), and the
+two-tower's gain over each baseline with a paired bootstrap CI of the per-user
+difference (``vs_mf_recall@K``): a gain whose CI straddles 0 is not a gain.
+``sampled_*`` keys rank each test item against 100 sampled unseen items
+instead: optimistic, labelled, not comparable to the full-ranking numbers.
 """
 
 from __future__ import annotations
@@ -34,17 +39,25 @@ import time
 
 import numpy as np
 import polars as pl
+import torch
 
 from features.sources.files import read_user_item_lines
 from features.splits import Split, random_split
 from infra.config import RayrecConfig, RetrievalConfig, load_config
 from infra.ray_runtime import ensure_ray
-from models.metrics import RankingReport, full_ranking_metrics
+from models.metrics import (
+    RankingReport,
+    bootstrap_ci,
+    full_ranking_metrics,
+    sampled_ranking_metrics,
+)
+from models.two_tower import TwoTowerModel
 from pipelines.retrieval.data import RetrievalData, movielens_random_split, prepare_retrieval_data
-from pipelines.retrieval.loop import StepInputs, validate
+from pipelines.retrieval.loop import StepInputs, ranking_report, user_vectors
 from pipelines.retrieval.trainer import train_retrieval
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+SAMPLED_NEGATIVES = 100
 
 
 def lines_split(train: Path, test: Path, seed: int) -> tuple[Split, pl.DataFrame, pl.DataFrame]:
@@ -89,10 +102,12 @@ def popularity_report(data: RetrievalData, ks: tuple[int, ...]) -> RankingReport
 
 def train_and_test(
     data: RetrievalData, config: RetrievalConfig, storage: Path, ks: tuple[int, ...]
-) -> tuple[dict[str, float], dict[str, object]]:
+) -> tuple[RankingReport, RankingReport, dict[str, object]]:
+    """Train, then (full-ranking test report, sampled test report, training summary)."""
     trained = train_retrieval(data, config, storage)
-    inputs = StepInputs(data, __import__("torch").device("cpu"))
-    test = validate(trained.model, data, inputs, ks, part="test")
+    inputs = StepInputs(data, torch.device("cpu"))
+    test = ranking_report(trained.model, data, inputs, ks, part="test")
+    sampled = sampled_report(trained.model, data, inputs)
     info = {
         "best_epoch": trained.best_epoch,
         "epochs_run": len(trained.history),
@@ -100,7 +115,40 @@ def train_and_test(
         "median_samples_per_s": float(np.median([h["samples_per_s"] for h in trained.history])),
         "best_valid": trained.best_valid,
     }
-    return test, info
+    return test, sampled, info
+
+
+@torch.no_grad()
+def sampled_report(model: TwoTowerModel, data: RetrievalData, inputs: StepInputs) -> RankingReport:
+    """Each test item against 100 uniformly sampled unseen items (the older, optimistic protocol)."""
+    model.eval()
+    items = model.all_item_vectors()
+
+    def score(users: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
+        vectors = user_vectors(model, users, inputs.history)  # (B, D)
+        return torch.einsum("bd,bcd->bc", vectors, items[torch.as_tensor(candidates)])
+
+    return sampled_ranking_metrics(
+        score, data.seen_for_test, data.test, data.n_items, n_negatives=SAMPLED_NEGATIVES, ks=(10,)
+    )
+
+
+def with_intervals(prefix: str, report: RankingReport, keys: tuple[str, ...]) -> dict[str, object]:
+    """``prefix + key`` -> value and ``prefix + key + "_ci95"`` -> [low, high] (bootstrap over users)."""
+    intervals = report.intervals or report.confidence_intervals()
+    out: dict[str, object] = {}
+    for key in keys:
+        out[prefix + key] = report.metrics[key]
+        out[prefix + key + "_ci95"] = list(intervals[key])
+    return out
+
+
+def paired_difference(a: RankingReport, b: RankingReport, key: str) -> dict[str, object]:
+    """Mean per-user difference a - b of ``key`` with its paired bootstrap 95% CI."""
+    if not np.array_equal(a.users, b.users):
+        raise ValueError("the two reports rank different users")
+    difference = a.per_user[key] - b.per_user[key]
+    return {"mean": float(difference.mean()), "ci95": list(bootstrap_ci(difference))}
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -144,21 +192,32 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "test": int(data.test.indices.size),
     }
     with tempfile.TemporaryDirectory() as storage:
-        model_test, model_info = train_and_test(data, retrieval, Path(storage) / "two_tower", ks)
-        popular = popularity_report(data, ks).metrics
-        mf_test: dict[str, float] = {}
+        model_test, model_sampled, model_info = train_and_test(
+            data, retrieval, Path(storage) / "two_tower", ks
+        )
+        popular = popularity_report(data, ks)
+        mf_test = mf_sampled = None
         mf_info: dict[str, object] = {}
         if not args.skip_mf:
             mf = retrieval.model_copy(update={"kind": "mf"})
-            mf_test, mf_info = train_and_test(data, mf, Path(storage) / "mf", ks)
-    for name in ("recall", "ndcg", "mrr", "hit", "precision", "coverage"):
-        results[f"{name}@{k}"] = model_test[f"{name}@{k}"]
-    results[f"popularity_recall@{k}"] = popular[f"recall@{k}"]
-    results[f"popularity_ndcg@{k}"] = popular[f"ndcg@{k}"]
-    if mf_test:
-        results[f"mf_recall@{k}"] = mf_test[f"recall@{k}"]
-        results[f"mf_ndcg@{k}"] = mf_test[f"ndcg@{k}"]
-    results["recall_vs_popularity"] = results[f"recall@{k}"] / max(popular[f"recall@{k}"], 1e-12)  # type: ignore[operator]
+            mf_test, mf_sampled, mf_info = train_and_test(data, mf, Path(storage) / "mf", ks)
+    at_k = tuple(f"{name}@{k}" for name in ("recall", "ndcg", "mrr", "hit"))
+    results.update(with_intervals("", model_test, at_k))
+    results[f"precision@{k}"] = model_test.metrics[f"precision@{k}"]
+    results[f"coverage@{k}"] = model_test.metrics[f"coverage@{k}"]
+    results.update(with_intervals("popularity_", popular, at_k[:2]))
+    # Sampled metrics (100 negatives) are optimistic and not comparable to full
+    # ranking; reported, labelled, for papers that still use them.
+    results.update(with_intervals("", model_sampled, ("sampled_recall@10", "sampled_ndcg@10")))
+    results["sampled_negatives"] = SAMPLED_NEGATIVES
+    results[f"vs_popularity_recall@{k}"] = paired_difference(model_test, popular, f"recall@{k}")
+    if mf_test is not None and mf_sampled is not None:
+        results.update(with_intervals("mf_", mf_test, at_k[:2]))
+        results["mf_sampled_recall@10"] = mf_sampled.metrics["sampled_recall@10"]
+        results[f"vs_mf_recall@{k}"] = paired_difference(model_test, mf_test, f"recall@{k}")
+    results["recall_vs_popularity"] = results[f"recall@{k}"] / max(  # type: ignore[operator]
+        popular.metrics[f"recall@{k}"], 1e-12
+    )
     results["two_tower"] = model_info
     results["mf"] = mf_info
     results["wall_s"] = round(time.perf_counter() - started, 1)
@@ -166,15 +225,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(
         f"\nretrieval quality on {source} ({n_users} users, {n_items} items), metrics @{k} on test"
     )
-    print(f"{'model':<14}{'recall':>9}{'ndcg':>9}{'mrr':>9}{'hit':>9}")
+    print(f"{'model':<14}{'recall':>9}{'ndcg':>9}{'mrr':>9}{'hit':>9}   recall 95% CI")
     rows = [("two_tower", model_test), ("popularity", popular)] + (
-        [("mf", mf_test)] if mf_test else []
+        [("mf", mf_test)] if mf_test is not None else []
     )
-    for name, metrics in rows:
+    for name, report in rows:
+        metrics = report.metrics
+        low, high = (report.intervals or report.confidence_intervals())[f"recall@{k}"]
         print(
             f"{name:<14}{metrics[f'recall@{k}']:>9.4f}{metrics[f'ndcg@{k}']:>9.4f}"
-            f"{metrics[f'mrr@{k}']:>9.4f}{metrics[f'hit@{k}']:>9.4f}"
+            f"{metrics[f'mrr@{k}']:>9.4f}{metrics[f'hit@{k}']:>9.4f}   [{low:.4f}, {high:.4f}]"
         )
+    for name in ("vs_popularity", "vs_mf"):
+        diff = results.get(f"{name}_recall@{k}")
+        if isinstance(diff, dict):
+            low, high = diff["ci95"]
+            print(
+                f"two_tower {name}: recall@{k} {diff['mean']:+.4f} (paired 95% CI {low:+.4f}, {high:+.4f})"
+            )
+    print(f"sampled (100 negatives, optimistic): recall@10 {results['sampled_recall@10']:.4f}")
     print(f"wall {results['wall_s']} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -363,6 +363,8 @@ class RetrievalConfig(Section):
     eval_k: int = Field(default=10, ge=1)
     # Ray Train: workers, GPUs when present, bf16/fp16 autocast on GPU, retries of a crashed worker.
     workers: int = Field(default=1, ge=1)
+    # CPUs Ray reserves per worker; below 1 packs several workers on a small machine.
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
     use_gpu: bool = False
     mixed_precision: bool = True
     max_failures: int = Field(default=2, ge=0)

@@ -32,9 +32,6 @@ from torch import nn
 
 from features.encoding import AttributeTable
 
-# The CSR history pooling is the documented, tested use of a "beta" feature.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 # Padding / unknown-item row of the item id embedding.
 PAD = 0
 
@@ -64,6 +61,10 @@ class TwoTowerConfig:
     use_user_id: bool = True
     use_history: bool = True
     use_attributes: bool = True
+    # Sparse id-embedding gradients (lazy Adam on the rows of the batch) are what
+    # makes CPU training fast; GPUs sweep dense tables cheaply, and NCCL cannot
+    # all-reduce sparse gradients across DDP workers.
+    sparse_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.n_items < 1 or self.n_users < 1:
@@ -177,7 +178,9 @@ class ItemTower(nn.Module):
         super().__init__()
         d = config.embedding_dim
         self.config = config
-        self.id_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=PAD, sparse=True)
+        self.id_embedding = nn.Embedding(
+            config.n_items + 1, d, padding_idx=PAD, sparse=config.sparse_embeddings
+        )
         nn.init.normal_(self.id_embedding.weight, std=0.1)
         with torch.no_grad():
             self.id_embedding.weight[PAD].zero_()
@@ -228,7 +231,9 @@ class UserTower(nn.Module):
         self.config = config
         self.item_embedding = item_embedding
         self.id_embedding = (
-            nn.Embedding(config.buckets, d, sparse=True) if config.use_user_id else None
+            nn.Embedding(config.buckets, d, sparse=config.sparse_embeddings)
+            if config.use_user_id
+            else None
         )
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.1)
@@ -258,13 +263,16 @@ class UserTower(nn.Module):
         lengths = keep.sum(dim=1)  # (B,)
         crow = F.pad(lengths.cumsum(0), (1, 0))  # (B + 1,)
         weights = (1.0 / lengths.clamp_min(1).float()).repeat_interleave(lengths)
-        mean = torch.sparse_csr_tensor(
-            crow,
-            columns[keep],
-            weights,
-            size=(history.shape[0], rows.numel()),
-            check_invariants=False,
-        )
+        with warnings.catch_warnings():
+            # Sparse CSR is "beta" in torch; this use (CSR @ dense with autograd) is tested here.
+            warnings.simplefilter("ignore", UserWarning)
+            mean = torch.sparse_csr_tensor(
+                crow,
+                columns[keep],
+                weights,
+                size=(history.shape[0], rows.numel()),
+                check_invariants=False,
+            )
         # Autocast has no reduced-precision sparse kernels everywhere: pool in float32.
         with torch.autocast(history.device.type, enabled=False):
             return mean @ self.item_embedding(rows).float()

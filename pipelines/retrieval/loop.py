@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from infra.config import RetrievalConfig
-from models.metrics import full_ranking_metrics
+from models.metrics import RankingReport, full_ranking_metrics
 from models.optimizers import SparseDenseAdam
 from models.retrieval_task import Negatives, RetrievalTask, in_batch_log_q, uniform_log_q
 from models.two_tower import PAD, TwoTowerConfig, TwoTowerModel
@@ -46,6 +46,7 @@ def model_config(config: RetrievalConfig, n_users: int, n_items: int) -> TwoTowe
         use_user_id=True if mf else config.use_user_id,
         use_history=not mf,
         use_attributes=False if mf else config.use_attributes,
+        sparse_embeddings=not config.use_gpu,
     )
 
 
@@ -151,14 +152,14 @@ def user_vectors(model: TwoTowerModel, users: np.ndarray, history: torch.Tensor)
 
 
 @torch.no_grad()
-def validate(
+def ranking_report(
     model: TwoTowerModel,
     data: RetrievalData,
     inputs: StepInputs,
     ks: Iterable[int],
     part: str = "valid",
-) -> dict[str, float]:
-    """Full-ranking metrics of ``part`` (valid or test), seen items excluded."""
+) -> RankingReport:
+    """Full-ranking report of ``part`` (valid or test), seen items excluded, per-user values kept."""
     was_training = model.training
     model.eval()
     try:
@@ -172,10 +173,20 @@ def validate(
             if part == "valid"
             else (data.test, data.seen_for_test)
         )
-        report = full_ranking_metrics(score, seen, truth, data.n_items, ks=tuple(sorted(set(ks))))
-        return dict(report.metrics)
+        return full_ranking_metrics(score, seen, truth, data.n_items, ks=tuple(sorted(set(ks))))
     finally:
         model.train(was_training)
+
+
+def validate(
+    model: TwoTowerModel,
+    data: RetrievalData,
+    inputs: StepInputs,
+    ks: Iterable[int],
+    part: str = "valid",
+) -> dict[str, float]:
+    """Full-ranking metrics of ``part`` (valid or test), seen items excluded."""
+    return dict(ranking_report(model, data, inputs, ks, part).metrics)
 
 
 def save_state(folder: Path, **state: Any) -> None:

@@ -86,7 +86,14 @@ def train_retrieval(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "data": data, **(fault or {})},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={
+                "CPU": config.cpus_per_worker,
+                **({"GPU": 1} if config.use_gpu else {}),
+            },
+        ),
         datasets={"train": train_dataset(data, config.seed)},
         dataset_config=DataConfig(execution_options=options),
         run_config=RunConfig(

@@ -215,6 +215,20 @@ def test_sparse_adam_moves_only_the_rows_in_the_batch() -> None:
     optimizer.load_state_dict(state)
 
 
+def test_dense_embeddings_for_gpus_train_with_one_dense_optimiser() -> None:
+    torch.manual_seed(0)
+    model = _model(sparse_embeddings=False)
+    optimizer = SparseDenseAdam(model, lr=0.1)
+    assert len(optimizer.optimizers) == 1
+    u, i = model(
+        torch.tensor([0, 1]), torch.tensor([[3, 0, 0, 0], [4, 5, 0, 0]]), torch.tensor([9, 10])
+    )
+    RetrievalTask()(u, i, torch.tensor([9, 10])).backward()
+    grad = model.item_tower.id_embedding.weight.grad
+    assert not grad.is_sparse and float(grad[4].abs().sum()) > 0  # history row 4 (item 3)
+    optimizer.step()
+
+
 def test_saved_model_loads_back_with_the_same_vectors(tmp_path: Path) -> None:
     torch.manual_seed(0)
     users = AttributeTable(
