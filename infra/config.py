@@ -363,6 +363,9 @@ class RetrievalConfig(Section):
     eval_k: int = Field(default=10, ge=1)
     # Ray Train: workers, GPUs when present, bf16/fp16 autocast on GPU, retries of a crashed worker.
     workers: int = Field(default=1, ge=1)
+    # Each worker reads its Ray Data shard into memory once and reshuffles it
+    # each epoch (16 bytes a pair); false streams it through a shuffle buffer.
+    cache_shard: bool = True
     # CPUs Ray reserves per worker; below 1 packs several workers on a small machine.
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     use_gpu: bool = False

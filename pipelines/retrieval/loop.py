@@ -12,7 +12,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,49 @@ def validate(
     return dict(ranking_report(model, data, inputs, ks, part).metrics)
 
 
+def cache_shard(shard: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The worker's whole shard as (users (N,), items (N,)) int64 tensors, read once."""
+    parts = list(shard.iter_torch_batches(batch_size=1 << 20, dtypes=torch.long))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    return torch.cat([p["user"] for p in parts]), torch.cat([p["item"] for p in parts])
+
+
+def epoch_batches(
+    shard: Any,
+    config: RetrievalConfig,
+    epoch: int,
+    rank: int,
+    device: torch.device,
+    cached: tuple[torch.Tensor, torch.Tensor] | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (users (B,), items (B,)) batches of this worker's shard.
+
+    Cached: a fresh seeded permutation of the in-memory shard each epoch (a
+    full shuffle, and ~15 ms a batch cheaper than Ray Data's iterator at
+    B = 1024 on 2 cores, ~25% of a step). Streamed (``cache_shard: false``, for
+    shards larger than a worker's memory): Ray Data batches through a local
+    shuffle buffer of 16 batches.
+    """
+    seed = config.seed * 1000 + epoch * 7 + rank
+    if cached is not None:
+        users, items = cached
+        order = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))
+        for batch in order.split(config.batch_size):
+            yield users[batch].to(device), items[batch].to(device)
+        return
+    for batch in shard.iter_torch_batches(
+        batch_size=config.batch_size,
+        dtypes=torch.long,
+        device=device,
+        local_shuffle_buffer_size=16 * config.batch_size,
+        local_shuffle_seed=seed,
+        drop_last=False,
+    ):
+        yield batch["user"], batch["item"]
+
+
 def save_state(folder: Path, **state: Any) -> None:
     torch.save(state, folder / CHECKPOINT_FILE)
 
@@ -243,6 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     miner = HardNegativeMiner(config, data.seen_for_valid) if config.hard_negatives else None
     shard = ray.train.get_dataset_shard("train")
+    cached = cache_shard(shard) if config.cache_shard else None
     ks = (config.eval_k, 20, 50)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
@@ -250,15 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # From the second epoch: the first epoch's vectors are still random.
             miner.refresh(model)
         losses, samples = [], 0
-        for batch in shard.iter_torch_batches(
-            batch_size=config.batch_size,
-            dtypes=torch.long,
-            device=device,
-            local_shuffle_buffer_size=min(16 * config.batch_size, max(data.n_train, 1)),
-            local_shuffle_seed=config.seed * 1000 + epoch,
-            drop_last=False,
-        ):
-            users, items = batch["user"], batch["item"]
+        for users, items in epoch_batches(shard, config, epoch, rank, device, cached):
             if users.shape[0] < 2:
                 continue
             losses.append(
