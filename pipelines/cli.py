@@ -261,6 +261,7 @@ def evaluate_retrieval(preset: PresetOpt = "default", sets: SetOpt = None) -> No
     table = Table(title="retrieval, test split, full ranking (seen items excluded)")
     table.add_column("metric")
     table.add_column("two_tower", justify="right")
+    table.add_column("95% CI (bootstrap over users)", justify="right")
     table.add_column("popularity", justify="right")
     for key in (
         "recall@10",
@@ -272,8 +273,12 @@ def evaluate_retrieval(preset: PresetOpt = "default", sets: SetOpt = None) -> No
         "coverage@10",
     ):
         popular = summary["popularity_test"].get(key)
+        interval = summary.get("test_ci95", {}).get(key)
         table.add_row(
-            key, f"{summary['test'][key]:.4f}", "-" if popular is None else f"{popular:.4f}"
+            key,
+            f"{summary['test'][key]:.4f}",
+            "-" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]",
+            "-" if popular is None else f"{popular:.4f}",
         )
     out.print(table)
 

@@ -27,7 +27,7 @@ from infra.ray_runtime import ensure_ray
 from models.artifacts import load_two_tower, save_two_tower
 from models.metrics import full_ranking_metrics
 from pipelines.retrieval.data import RetrievalData, prepare_retrieval_data
-from pipelines.retrieval.loop import StepInputs, validate
+from pipelines.retrieval.loop import StepInputs, ranking_report
 from pipelines.retrieval.plots import plot_history, plot_recall_at_k
 from pipelines.retrieval.registry import (
     log_training_history,
@@ -82,7 +82,14 @@ def run_train_retrieval(ctx: StepContext) -> StepResult:
     storage = Path(ctx.workdir.local_path()) / "ray_results"
     trained = train_retrieval(data, config, storage)
     inputs = StepInputs(data, torch.device("cpu"))
-    test = validate(trained.model, data, inputs, KS, part="test")
+    report = ranking_report(trained.model, data, inputs, (*KS, config.eval_k), part="test")
+    test = dict(report.metrics)
+    # 95% bootstrap CIs over test users: a difference between runs inside them is noise.
+    intervals = {
+        key: list(bounds)
+        for key, bounds in report.confidence_intervals().items()
+        if key.split("@")[0] in ("recall", "ndcg", "hit", "mrr")
+    }
     counts = np.bincount(data.train_items, minlength=data.n_items).astype(np.float32)
     popular = full_ranking_metrics(
         lambda users: np.tile(counts, (len(users), 1)),
@@ -95,6 +102,7 @@ def run_train_retrieval(ctx: StepContext) -> StepResult:
     save_two_tower(trained.model, out / "model")
     summary = {
         "test": test,
+        "test_ci95": intervals,
         "popularity_test": dict(popular),
         "best_epoch": trained.best_epoch,
         "best_valid": trained.best_valid,
@@ -115,6 +123,10 @@ def run_train_retrieval(ctx: StepContext) -> StepResult:
         if k.split("@")[0] in ("recall", "ndcg", "hit", "mrr", "coverage")
     }
     metrics.update({metric_name(f"popularity_recall@{k}"): popular[f"recall@{k}"] for k in KS})
+    for key in (f"recall@{config.eval_k}", f"ndcg@{config.eval_k}"):
+        low, high = intervals[key]
+        metrics[metric_name(f"retrieval_{key}_ci_low")] = low
+        metrics[metric_name(f"retrieval_{key}_ci_high")] = high
     return StepResult(
         row_counts={"train_pairs": data.n_train, "items": data.n_items, "users": data.n_users},
         metrics=metrics,
