@@ -8,7 +8,8 @@ baseline: shuffled index batches straight from tensors. Ray Train runs one
 CPU worker fed by a Ray Data shard; its steady-state rate is the median of
 its per-epoch rates after the first epoch, and its fixed overhead is the wall
 time not explained by that rate (start-up, dataset set-up, checkpoints,
-validation).
+validation). The in-batch loss alone (random vectors, no towers) is timed too:
+the ceiling of any model's step at this batch size on this machine.
 """
 
 from __future__ import annotations
@@ -61,6 +62,29 @@ def raw_rates(data, config, epochs: int) -> list[float]:  # type: ignore[no-unty
     return rates
 
 
+def loss_only_rate(batch: int, dim: int, temperature: float, steps: int = 60) -> float:
+    """Samples/s of the in-batch loss alone (forward + backward on random unit vectors).
+
+    The ceiling of any two-tower step at this batch size on this machine: the
+    B×B logits, their logQ correction, masking and softmax cost this much even
+    with towers that cost nothing.
+    """
+    generator = torch.Generator().manual_seed(0)
+    users = torch.nn.functional.normalize(torch.randn(batch, dim, generator=generator), dim=1)
+    items = torch.nn.functional.normalize(torch.randn(batch, dim, generator=generator), dim=1)
+    users.requires_grad_()
+    items.requires_grad_()
+    ids = torch.randint(0, 10 * batch, (batch,), generator=generator)
+    log_q = torch.randn(batch, generator=generator)
+    task = RetrievalTask(temperature)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        task(users, items, ids, log_q).backward()
+        times.append(time.perf_counter() - started)
+    return batch / statistics.median(times[5:])
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -87,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         split, users, items, n_users, n_items, retrieval, config.features.sketches
     )
     raw = raw_rates(data, retrieval, args.epochs)
+    loss_only = loss_only_rate(args.batch, args.dim, retrieval.temperature)
     ensure_ray(config.ray)
     with tempfile.TemporaryDirectory() as storage:
         started = time.perf_counter()
@@ -103,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "raw_samples_per_s": raw_steady,
         "ray_train_samples_per_s": steady,
         "ray_train_ratio": steady / raw_steady,
+        "loss_only_samples_per_s": loss_only,
         "ray_train_fixed_overhead_s": wall - data.n_train * len(ray_rates) / steady,
         "ray_train_wall_s": wall,
         "torch_threads": torch.get_num_threads(),
@@ -111,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"{'loop':<12}{'samples/s':>12}{'ratio':>8}")
     print(f"{'raw torch':<12}{raw_steady:>12.0f}{1.0:>8.2f}")
     print(f"{'ray train':<12}{steady:>12.0f}{steady / raw_steady:>8.2f}")
+    print(
+        f"{'loss only':<12}{loss_only:>12.0f}{loss_only / raw_steady:>8.2f}  (ceiling: towers free)"
+    )
     print(f"ray train fixed overhead {results['ray_train_fixed_overhead_s']:.1f} s of {wall:.1f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -208,9 +208,10 @@ def epoch_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (users (B,), items (B,)) batches of this worker's shard.
 
-    Cached: a fresh seeded permutation of the in-memory shard each epoch (a
-    full shuffle, and ~15 ms a batch cheaper than Ray Data's iterator at
-    B = 1024 on 2 cores, ~25% of a step). Streamed (``cache_shard: false``, for
+    Cached: a fresh seeded permutation of the in-memory shard each epoch. A
+    full reshuffle each epoch is worth quality (ML-100K test recall@10 0.2628
+    against 0.2535 with one global shuffle + the local buffer) and is ~15 ms a
+    batch cheaper than Ray Data's iterator at B = 1024 on 2 cores. Streamed (``cache_shard: false``, for
     shards larger than a worker's memory): Ray Data batches through a local
     shuffle buffer of 16 batches.
     """
