@@ -1,6 +1,6 @@
 """Two-tower training throughput: a raw torch loop against the same step inside Ray Train.
 
-    python benchmarks/training.py --json out.json [--epochs 3] [--batch 1024] [--dim 64]
+    python benchmarks/training.py --json out.json [--epochs 5] [--batch 1024] [--dim 64]
 
 Same data (MovieLens-100K training pairs, RecBole split), same model, same
 :func:`pipelines.retrieval.loop.train_step`, same run. The raw loop is the
@@ -87,7 +87,7 @@ def loss_only_rate(batch: int, dim: int, temperature: float, steps: int = 60) ->
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--set", action="append", default=[])

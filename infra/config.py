@@ -366,8 +366,10 @@ class RetrievalConfig(Section):
     # Each worker reads its Ray Data shard into memory once and reshuffles it
     # each epoch (16 bytes a pair); false streams it through a shuffle buffer.
     cache_shard: bool = True
-    # CPUs Ray reserves per worker; below 1 packs several workers on a small machine.
-    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    # CPUs Ray reserves per worker, and its torch threads; None: the cluster's
+    # CPUs split evenly between the workers (all cores for one local worker);
+    # below 1 packs several workers on a small machine.
+    cpus_per_worker: float | None = Field(default=None, gt=0.0)
     use_gpu: bool = False
     mixed_precision: bool = True
     max_failures: int = Field(default=2, ge=0)

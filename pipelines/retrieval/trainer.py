@@ -52,6 +52,14 @@ def run_name(config: RetrievalConfig, data: RetrievalData) -> str:
     return f"retrieval-{config.kind}-{digest}"
 
 
+def cpus_per_worker(config: RetrievalConfig) -> float:
+    """The configured CPUs per worker, or the cluster's CPUs split evenly (at least 1)."""
+    if config.cpus_per_worker is not None:
+        return config.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(1.0, float(int(total // config.workers)))
+
+
 def train_dataset(data: RetrievalData, seed: int) -> ray.data.Dataset:
     """The training pairs as a Ray Dataset (columns ``user``, ``item``), in a seeded random order.
 
@@ -84,12 +92,17 @@ def train_retrieval(
     options = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "data": data, **(fault or {})},
+        train_loop_config={
+            "config": config,
+            "data": data,
+            "threads": max(1, int(cpus_per_worker(config))),
+            **(fault or {}),
+        },
         scaling_config=ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.use_gpu,
             resources_per_worker={
-                "CPU": config.cpus_per_worker,
+                "CPU": cpus_per_worker(config),
                 **({"GPU": 1} if config.use_gpu else {}),
             },
         ),
