@@ -60,6 +60,7 @@ def run_model(
         tasks=("click",),
         embedding_dim=args.embedding_dim,
         dropout=args.dropout,
+        field_interactions=args.field_interactions and kind != "logistic",
     )
     train = TrainConfig(
         epochs=args.epochs,
@@ -98,6 +99,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument(
+        "--field-interactions",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="FM pairwise term beside the dense and MoE bodies",
+    )
     parser.add_argument("--embedding-dim", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=2)

@@ -173,6 +173,10 @@ class RerankerConfig:
     # Sparse gradients for the embedding table (lazy Adam, see models.optimizers):
     # fast on CPU; NCCL cannot all-reduce them on GPU DDP.
     sparse_embeddings: bool = True
+    # Factorisation-machine pairwise term over the field embeddings, added to each
+    # task's score (DeepFM's "wide" part): explicit 2nd-order crosses the MLPs
+    # otherwise have to learn.
+    field_interactions: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -558,15 +562,40 @@ class Reranker(nn.Module):
         self.body: nn.Module = builders[config.kind]()
         head_in = in_dim if config.kind == "logistic" else config.expert_dim
         self.heads = nn.ModuleDict({task: nn.Linear(head_in, 1) for task in config.tasks})
+        # Embedded fields (categorical, hashed, sequences) lead the embedder's output.
+        self.n_fields = len(layout.categorical) + len(layout.hashed) + len(layout.sequences)
+        self.interaction_heads = (
+            nn.ModuleDict(
+                {task: nn.Linear(config.embedding_dim, 1, bias=False) for task in config.tasks}
+            )
+            if config.field_interactions and self.n_fields > 1
+            else None
+        )
 
     def forward(self, batch: FeatureBatch) -> RerankerOutput:
         """batch -> outputs[task] (B,) for every task, aux loss ()."""
-        block: BlockOutput = self.body(self.embedder(batch))
+        features = self.embedder(batch)  # (B, F)
+        block: BlockOutput = self.body(features)
         outputs = {
             task: head(block.representations[t]).squeeze(1)
             for t, (task, head) in enumerate(self.heads.items())
         }
+        if self.interaction_heads is not None:
+            pairs = field_interactions(features, self.n_fields, self.config.embedding_dim)
+            outputs = {
+                task: score + self.interaction_heads[task](pairs).squeeze(1)
+                for task, score in outputs.items()
+            }
         return RerankerOutput(outputs, block.aux_loss, block.routing)
+
+
+def field_interactions(features: torch.Tensor, n_fields: int, dim: int) -> torch.Tensor:
+    """(B, F) embedder output -> (B, D) sum over field pairs i < j of v_i ⊙ v_j (FM trick).
+
+    ``0.5 · ((Σ v)² − Σ v²)``: all pairs in O(fields · D) instead of O(fields² · D).
+    """
+    fields = features[:, : n_fields * dim].view(features.shape[0], n_fields, dim)
+    return 0.5 * (fields.sum(dim=1).square() - fields.square().sum(dim=1))
 
 
 def active_parameters(model: Reranker) -> int:

@@ -23,6 +23,7 @@ from models.moe import (
     SparseMoE,
     active_parameters,
     expert_capacity,
+    field_interactions,
     hash_buckets,
     load_balancing_loss,
     moe_active_parameters,
@@ -377,3 +378,26 @@ def test_moe_learns_an_interaction_that_logistic_regression_cannot() -> None:
     # Ceiling with 10% of labels flipped: 0.9 · 0.9 + ½ (0.9 · 0.1 + 0.1 · 0.9) = 0.9.
     assert moe_auc > 0.75, moe_auc
     assert logistic_auc < 0.6, logistic_auc
+
+
+def test_field_interactions_are_the_sum_over_field_pairs() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(3, 4 * 5 + 2)  # 4 fields of width 5, then 2 numeric columns
+    fields = features[:, :20].view(3, 4, 5)
+    brute = sum(fields[:, i] * fields[:, j] for i in range(4) for j in range(i + 1, 4))
+    assert torch.allclose(field_interactions(features, 4, 5), brute, atol=1e-5)
+
+
+def test_the_interaction_term_is_added_to_every_task_score() -> None:
+    torch.manual_seed(0)
+    model = Reranker(LAYOUT, _config(kind="dense", field_interactions=True))
+    model.eval()
+    batch = _batch(6)
+    with_pairs = model(batch).outputs
+    heads = model.interaction_heads
+    assert heads is not None and set(heads) == {"click", "rating"}
+    for head in heads.values():
+        nn.init.zeros_(head.weight)
+    without = model(batch).outputs
+    for task in ("click", "rating"):
+        assert not torch.allclose(with_pairs[task], without[task])
