@@ -48,12 +48,16 @@ from infra.ray_runtime import ensure_ray
 from models.metrics import (
     RankingReport,
     bootstrap_ci,
-    full_ranking_metrics,
     sampled_ranking_metrics,
 )
 from models.two_tower import TwoTowerModel
 from pipelines.retrieval.data import RetrievalData, movielens_random_split, prepare_retrieval_data
-from pipelines.retrieval.loop import StepInputs, ranking_report, user_vectors
+from pipelines.retrieval.loop import (
+    StepInputs,
+    popularity_report,
+    ranking_report,
+    user_vectors,
+)
 from pipelines.retrieval.trainer import train_retrieval
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -89,15 +93,6 @@ def lines_split(train: Path, test: Path, seed: int) -> tuple[Split, pl.DataFrame
         pl.DataFrame({"user_id": np.arange(users.len(), dtype=np.int64)}),
         pl.DataFrame({"item_id": np.arange(items.len(), dtype=np.int64)}),
     )
-
-
-def popularity_report(data: RetrievalData, ks: tuple[int, ...]) -> RankingReport:
-    counts = np.bincount(data.train_items, minlength=data.n_items).astype(np.float32)
-
-    def score(users: np.ndarray) -> np.ndarray:
-        return np.tile(counts, (len(users), 1))
-
-    return full_ranking_metrics(score, data.seen_for_test, data.test, data.n_items, ks=ks)
 
 
 def train_and_test(

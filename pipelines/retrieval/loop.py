@@ -178,6 +178,18 @@ def ranking_report(
         model.train(was_training)
 
 
+def popularity_report(data: RetrievalData, ks: Iterable[int]) -> RankingReport:
+    """Most-popular baseline on the test part: every user gets the training counts as scores."""
+    counts = np.bincount(data.train_items, minlength=data.n_items).astype(np.float32)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return np.tile(counts, (len(users), 1))
+
+    return full_ranking_metrics(
+        score, data.seen_for_test, data.test, data.n_items, ks=tuple(sorted(set(ks)))
+    )
+
+
 def validate(
     model: TwoTowerModel,
     data: RetrievalData,

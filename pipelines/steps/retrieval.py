@@ -25,9 +25,8 @@ from features.dataset import dataset_kind, read_events, read_table
 from features.splits import make_split
 from infra.ray_runtime import ensure_ray
 from models.artifacts import load_two_tower, save_two_tower
-from models.metrics import full_ranking_metrics
 from pipelines.retrieval.data import RetrievalData, prepare_retrieval_data
-from pipelines.retrieval.loop import StepInputs, ranking_report
+from pipelines.retrieval.loop import StepInputs, popularity_report, ranking_report
 from pipelines.retrieval.plots import plot_history, plot_recall_at_k
 from pipelines.retrieval.registry import (
     log_training_history,
@@ -90,14 +89,7 @@ def run_train_retrieval(ctx: StepContext) -> StepResult:
         for key, bounds in report.confidence_intervals().items()
         if key.split("@")[0] in ("recall", "ndcg", "hit", "mrr")
     }
-    counts = np.bincount(data.train_items, minlength=data.n_items).astype(np.float32)
-    popular = full_ranking_metrics(
-        lambda users: np.tile(counts, (len(users), 1)),
-        data.seen_for_test,
-        data.test,
-        data.n_items,
-        ks=KS,
-    ).metrics
+    popular = popularity_report(data, KS).metrics
     out = Path(ctx.output.local_path())
     save_two_tower(trained.model, out / "model")
     summary = {
