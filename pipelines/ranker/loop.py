@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from infra.config import RankerConfig
 from models.calibration import Calibrator
 from models.ctr_metrics import ctr_report
 from models.moe import Reranker, RerankerConfig
@@ -53,6 +54,35 @@ class TrainConfig:
             raise ValueError(
                 f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
             )
+
+
+def configs_from(
+    settings: RankerConfig, tasks: tuple[str, ...] = ("click",)
+) -> tuple[RerankerConfig, TrainConfig]:
+    """The model and loop hyper-parameters of a ``models.ranker`` config section."""
+    model = RerankerConfig(
+        kind=settings.kind,
+        tasks=tasks,
+        embedding_dim=settings.embedding_dim,
+        n_experts=settings.n_experts,
+        top_k=settings.top_k,
+        expert_hidden=settings.expert_hidden,
+        expert_dim=settings.expert_dim,
+        gate_noise=settings.gate_noise,
+        capacity_factor=settings.capacity_factor,
+        aux_loss_weight=settings.aux_loss_weight,
+        dropout=settings.dropout,
+        field_interactions=settings.field_interactions and settings.kind != "logistic",
+    )
+    loop = TrainConfig(
+        epochs=settings.epochs,
+        patience=settings.patience,
+        batch_size=settings.batch_size,
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+    )
+    return model, loop
 
 
 @dataclass
@@ -112,8 +142,16 @@ def evaluate(
     return ctr_report(part.labels.numpy(), probabilities, users=users)
 
 
+# Called after each epoch with that epoch's history row and the model as it is
+# (Ray Tune reports from it; ASHA may then stop the trial).
+EpochCallback = Callable[[dict[str, float], Reranker], None]
+
+
 def train_epochs(
-    model_config: RerankerConfig, train_config: TrainConfig, data: RankerData
+    model_config: RerankerConfig,
+    train_config: TrainConfig,
+    data: RankerData,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train a fresh :class:`Reranker` on ``data.train``; keep the best epoch by validation AUC.
 
@@ -150,6 +188,8 @@ def train_epochs(
                 "seconds": time.perf_counter() - epoch_start,
             }
         )
+        if on_epoch is not None:
+            on_epoch(result.history[-1], model)
         if best_state is None or valid["auc"] > result.best_valid_auc:
             result.best_valid_auc = valid["auc"]
             result.best_epoch = epoch
