@@ -98,6 +98,9 @@ class FeatureSpec(BaseModel):
     version: int = 1
     labels: tuple[str, ...] = ("label",)
     features: tuple[Feature, ...]
+    # True when the table's categorical columns already hold vocabulary codes
+    # (index + 1, 0 = out of vocabulary), as CTR tables do; False: raw values.
+    encoded: bool = False
 
     @model_validator(mode="after")
     def _unique(self) -> FeatureSpec:

@@ -128,7 +128,7 @@ def fit_ctr_spec(
         categorical = AVAZU_CATEGORICAL
     for name in categorical:
         features.append(_categorical_feature(raw.get_column(name), min_category_count))
-    return FeatureSpec(features=tuple(features))
+    return FeatureSpec(features=tuple(features), encoded=True)
 
 
 def encode_ctr(raw: pl.DataFrame, spec: FeatureSpec) -> pl.DataFrame:
