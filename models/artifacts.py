@@ -1,4 +1,4 @@
-"""Save and load a trained two-tower model as plain files (no pickled classes).
+"""Save and load trained models as plain files (no pickled classes).
 
 Layout of a model folder::
 
@@ -8,12 +8,14 @@ Layout of a model folder::
 Loading rebuilds the network from the JSON and loads the tensors with
 ``weights_only=True``, so a model file cannot run code, and the files load in
 any process that has this package (MLflow's model wrapper, serving replicas).
+A reranker folder holds ``reranker.json`` (RerankerConfig + FeatureLayout),
+``reranker.pt`` and, when one was fitted, ``calibration.json``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 
 from features.encoding import AttributeTable
+from models.calibration import IsotonicCalibration, TemperatureScaling, calibration_from_dict
+from models.moe import FeatureLayout, Reranker, RerankerConfig, SequenceColumn
 from models.two_tower import AttributeEncoder, TwoTowerConfig, TwoTowerModel
 
 CONFIG_FILE = "two_tower.json"
@@ -86,3 +90,73 @@ def load_two_tower(folder: Path) -> TwoTowerModel:
     model.load_state_dict(state)
     model.eval()
     return model
+
+
+# --------------------------------------------------------------------------- reranker
+
+RERANKER_CONFIG_FILE = "reranker.json"
+RERANKER_WEIGHTS_FILE = "reranker.pt"
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class SavedReranker:
+    """A loaded reranker (eval mode) and the calibrator fitted beside it, if any."""
+
+    model: Reranker
+    calibrator: TemperatureScaling | IsotonicCalibration | None
+
+
+def save_reranker(
+    model: Reranker,
+    folder: Path,
+    calibrator: TemperatureScaling | IsotonicCalibration | None = None,
+) -> None:
+    """Write ``model`` (config, layout, tensors) and its calibrator into ``folder``.
+
+    The LoRA adapters must be merged first (:func:`models.lora.merge_lora`):
+    the saved state has the base architecture's keys.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": asdict(model.config),
+        "layout": asdict(model.layout),
+    }
+    torch.save(model.state_dict(), folder / RERANKER_WEIGHTS_FILE)
+    (folder / RERANKER_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    if calibrator is not None:
+        (folder / CALIBRATION_FILE).write_text(json.dumps(calibrator.to_dict(), indent=2))
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the frozen configs hold."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def load_reranker(folder: Path) -> SavedReranker:
+    """The reranker saved in ``folder`` by :func:`save_reranker`, in eval mode."""
+    path = folder / RERANKER_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no {RERANKER_CONFIG_FILE} (not a saved reranker)")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    config = RerankerConfig(**{k: _tuples(v) for k, v in meta["config"].items()})
+    raw = meta["layout"]
+    layout = FeatureLayout(
+        categorical=tuple(raw["categorical"]),
+        hashed=tuple(raw["hashed"]),
+        numeric=int(raw["numeric"]),
+        sequences=tuple(SequenceColumn(**s) for s in raw["sequences"]),
+    )
+    model = Reranker(layout, config)
+    model.load_state_dict(torch.load(folder / RERANKER_WEIGHTS_FILE, weights_only=True))
+    model.eval()
+    calibration = folder / CALIBRATION_FILE
+    calibrator = (
+        calibration_from_dict(json.loads(calibration.read_text())) if calibration.exists() else None
+    )
+    return SavedReranker(model, calibrator)

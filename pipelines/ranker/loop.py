@@ -4,11 +4,14 @@
 function calls it), :func:`predict` and :func:`evaluate` score a data part,
 :func:`train_epochs` is the single-process driver: shuffled mini-batches,
 validation AUC after every epoch, early stopping that restores the best epoch.
+:func:`train_loop_per_worker` is the same loop as each Ray Train worker runs it
+(checkpoints, resume, DDP); :mod:`pipelines.ranker.trainer` is its driver.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from torch import nn
 from infra.config import RankerConfig
 from models.calibration import Calibrator
 from models.ctr_metrics import ctr_report
-from models.moe import Reranker, RerankerConfig
+from models.moe import FeatureBatch, Reranker, RerankerConfig
 from models.optimizers import SparseDenseAdam
 from models.ranking_task import RankingLoss, RankingTask, TaskSpec
 from pipelines.ranker.data import RankerData, RankerPart
@@ -118,8 +121,12 @@ def predict(
 ) -> np.ndarray:
     """Logits (N,) float64 of ``task`` for every row of ``part``, in order (eval mode)."""
     model.eval()
+    device = next(model.parameters()).device
     chunks = [
-        model(part.batch(slice(start, start + batch_size))).outputs[task].double()
+        model(_to_device(part.batch(slice(start, start + batch_size)), device))
+        .outputs[task]
+        .double()
+        .cpu()
         for start in range(0, len(part), batch_size)
     ]
     return torch.cat(chunks).numpy() if chunks else np.zeros(0)
@@ -203,3 +210,126 @@ def train_epochs(
         model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
     return result
+
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def _worker_rows(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """This worker's rows for ``epoch``: one seeded permutation shared by all, every world-th row."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator)[rank::world]
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: epochs over its rows, a checkpoint and a report per epoch.
+
+    ``loop_config``: ``settings`` (infra RankerConfig), ``data`` (RankerData,
+    put in the object store once by Ray), ``threads``, and for fault tests
+    ``crash_marker`` / ``crash_after_epoch`` (rank 0 creates the marker after
+    that epoch's checkpoint and exits, once). The examples are already tensors
+    in memory, so each worker takes every ``world``-th row of a per-epoch
+    permutation that all workers draw alike (no Ray Data round trip).
+    Resumes from ``ray.train.get_checkpoint()``; stops when validation AUC has
+    not improved for ``patience`` epochs (every worker decides alike: all
+    evaluate the same validation rows with the same synchronised weights).
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+    import ray.train.torch
+
+    settings: RankerConfig = loop_config["settings"]
+    data: RankerData = loop_config["data"]
+    torch.set_num_threads(loop_config.get("threads", 1))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(settings.seed)
+    model_config, train_config = configs_from(settings)
+    model_config = dataclasses.replace(model_config, sparse_embeddings=not settings.use_gpu)
+    device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
+    model = Reranker(data.layout, model_config).to(device)
+    optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
+    main_task = model_config.tasks[0]
+    task = RankingTask([TaskSpec(main_task)])
+    start_epoch, best, stale = 1, -1.0, 0
+    history: list[dict[str, Any]] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best, stale = state["epoch"] + 1, state["best"], state["stale"]
+        history = state["history"]
+        torch.set_rng_state(state["rng"])
+    trained: nn.Module = model
+    if world > 1:
+        # Sparse embedding gradients all-reduce over gloo on CPU; GPUs use dense ones.
+        trained = ray.train.torch.prepare_model(model, move_to_device=False)
+    for epoch in range(start_epoch, train_config.epochs + 1):
+        started = time.perf_counter()
+        rows = _worker_rows(len(data.train), epoch, settings.seed, rank, world)
+        total, batches = 0.0, 0
+        for index in rows.split(train_config.batch_size):
+            batch = data.train.batch(index)
+            batch = _to_device(batch, device)
+            targets = {main_task: data.train.labels[index].to(device)}
+            loss = train_step(trained, task, optimizer, batch, targets)
+            total += loss.per_task[main_task]
+            batches += 1
+        seconds = time.perf_counter() - started
+        valid = evaluate(model, data.valid, main_task)
+        improved = valid["auc"] > best
+        best, stale = (valid["auc"], 0) if improved else (best, stale + 1)
+        report = {
+            "epoch": epoch,
+            "train_loss": total / max(1, batches),
+            "samples_per_s": len(rows) * world / max(seconds, 1e-9),
+            "epoch_s": seconds,
+            "valid_auc": valid["auc"],
+            "valid_gauc": valid["gauc"],
+            "valid_logloss": valid["logloss"],
+            "best_valid_auc": best,
+            "stopped": stale >= train_config.patience or epoch == train_config.epochs,
+        }
+        history.append(report)
+        marker = loop_config.get("crash_marker")
+        crash = marker and epoch == loop_config.get("crash_after_epoch", 1) and rank == 0
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "stale": stale,
+                        "rng": torch.get_rng_state(),
+                        "history": history,
+                    },
+                    Path(folder) / CHECKPOINT_FILE,
+                )
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
+            )
+        if crash and not Path(marker).exists():
+            Path(marker).write_text(f"crashed after epoch {epoch}\n")
+            os._exit(1)
+        if report["stopped"]:
+            break
+
+
+def _to_device(batch: FeatureBatch, device: torch.device) -> FeatureBatch:
+    if device.type == "cpu":
+        return batch
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return FeatureBatch(
+        categorical=move(batch.categorical),
+        hashed=move(batch.hashed),
+        numeric=move(batch.numeric),
+        sequences=tuple(s.to(device, non_blocking=True) for s in batch.sequences),
+    )
