@@ -198,9 +198,15 @@ def _sequence_codes(
 
 
 def encode_examples(
-    frame: pl.DataFrame, spec: FeatureSpec, columns: SpecColumns | None = None
+    frame: pl.DataFrame,
+    spec: FeatureSpec,
+    columns: SpecColumns | None = None,
+    labelled: bool = True,
 ) -> RankerPart:
-    """An example table -> a :class:`RankerPart` (see the module doc for the per-kind rules)."""
+    """An example table -> a :class:`RankerPart` (see the module doc for the per-kind rules).
+
+    ``labelled=False`` scores rows without a label (serving): labels are zeros.
+    """
     columns = columns or SpecColumns.of(spec, frame.columns)
     n = frame.height
     owners = {f.name: f for f in columns.categorical}
@@ -217,7 +223,10 @@ def encode_examples(
         )
         for f in columns.sequences
     )
-    labels = _column(frame, columns.label)
+    if not labelled:
+        labels = pl.Series(columns.label, np.zeros(n, dtype=np.float32))
+    else:
+        labels = _column(frame, columns.label)
     if labels.null_count():
         raise SpecError(f"label column {columns.label!r} has {labels.null_count()} nulls")
     label_values = labels.cast(pl.Float32).to_numpy(allow_copy=True).astype(np.float32)

@@ -67,6 +67,25 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     index = json.loads(published(config, "index").path.join("index.json").read_text())  # type: ignore[union-attr]
     assert index["count"] == config.simulator.n_items
 
+    # Reranker: trained on the feature spec's examples, better than chance, registered,
+    # and its pyfunc scores raw example rows as the step's own test metrics did.
+    ranker = json.loads(published(config, "train_ranker").path.join("ranker.json").read_text())  # type: ignore[union-attr]
+    assert ranker["split"] == "temporal"
+    assert ranker["test"]["auc"] > 0.6 and ranker["logistic_test"]["auc"] > 0.5
+    ranker_registered = json.loads(
+        published(config, "register_ranker").path.join("registered.json").read_text()  # type: ignore[union-attr]
+    )
+    assert ranker_registered["promoted"]
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow/mlflow.db")
+    scorer = mlflow.pyfunc.load_model(f"models:/{config.models.ranker.registered_model}@champion")
+    examples = pl.scan_parquet(
+        str(published(config, "features").path.join("examples").local_path() / "**/*.parquet")  # type: ignore[union-attr]
+    ).collect()
+    scored = scorer.predict(examples.drop("label").head(50).to_pandas())
+    assert len(scored) == 50 and scored["probability"].between(0, 1).all()
+
     capsys.readouterr()
     assert main(args) == 0
     assert {s["status"] for s in list_runs(config)[0]["steps"]} == {"skipped"}

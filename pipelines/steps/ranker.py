@@ -1,0 +1,182 @@
+"""Reranker steps: train the MoE reranker on the published examples, register it.
+
+``train_ranker``     the ``features`` step's examples and feature spec -> split
+                     (``models.ranker.split``; random for tables without time)
+                     -> Ray Train -> calibration on validation -> test CTR
+                     metrics beside a logistic-regression baseline trained in
+                     the same run on the same rows; publishes ``model/``
+                     (weights + calibrator), ``ranker.json``, the per-epoch
+                     history and plots.
+``register_ranker``  the model and its feature spec to MLflow (a nested run with
+                     per-epoch metrics and plots), registered as ``challenger``;
+                     ``champion`` only when the gated test metric wins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+
+from features.dataset import read_examples
+from features.feature_spec import FeatureSpec
+from infra.config import RankerConfig
+from infra.ray_runtime import ensure_ray
+from models.artifacts import SavedReranker, load_reranker, save_reranker
+from models.calibration import IsotonicCalibration, TemperatureScaling
+from models.ctr_metrics import ctr_report, expected_calibration_error
+from models.moe import Reranker
+from pipelines.ranker.data import RankerData, RankerPart
+from pipelines.ranker.loop import configs_from, predict, train_epochs
+from pipelines.ranker.plots import plot_history, plot_reliability
+from pipelines.ranker.registry import log_reranker
+from pipelines.ranker.spec_data import ranker_data_from_examples
+from pipelines.ranker.trainer import train_ranker
+from pipelines.retrieval.registry import log_training_history, metric_name, register_and_gate
+from pipelines.step import Step, StepContext, StepResult
+
+TEST_KEYS = ("auc", "gauc", "logloss", "ece")
+
+
+def ranker_inputs(ctx: StepContext, settings: RankerConfig) -> tuple[RankerData, FeatureSpec, str]:
+    """The examples published by ``features``, split and encoded by their spec; the split used."""
+    folder = ctx.input_path("features")
+    spec = FeatureSpec.load(folder)
+    frame = read_examples(folder).collect()
+    # A CTR table has no time: its split can only be random.
+    split = settings.split if "ts" in frame.columns else "random"
+    data = ranker_data_from_examples(frame, spec, split, settings.split_ratios, settings.seed)
+    return data, spec, split
+
+
+def test_report(
+    model: Reranker,
+    part: RankerPart,
+    calibrator: TemperatureScaling | IsotonicCalibration | None,
+) -> tuple[dict[str, float], Any]:
+    """CTR metrics of ``part`` (calibrated when a calibrator is given) and the reliability table."""
+    logits = predict(model, part)
+    probabilities = (
+        calibrator.transform(logits) if calibrator is not None else 1 / (1 + np.exp(-logits))
+    )
+    labels = part.labels.numpy()
+    users = part.users.numpy() if part.users is not None else None
+    report = ctr_report(labels, probabilities, users=users)
+    _, table = expected_calibration_error(labels, probabilities)
+    return report, table
+
+
+def run_train_ranker(ctx: StepContext) -> StepResult:
+    settings = ctx.config.models.ranker
+    data, _, split = ranker_inputs(ctx, settings)
+    ensure_ray(ctx.config.ray)
+    storage = Path(ctx.workdir.local_path()) / "ray_results"
+    trained = train_ranker(data, settings, storage)
+    test, reliability = test_report(trained.model, data.test, trained.calibrator)
+    uncalibrated, raw_reliability = test_report(trained.model, data.test, None)
+    # The baseline, measured in the same run on the same rows: logistic regression.
+    lr_model, lr_loop = configs_from(settings.model_copy(update={"kind": "logistic"}))
+    baseline = train_epochs(lr_model, lr_loop, data)
+    lr_test, _ = test_report(baseline.model, data.test, None)
+
+    out = Path(ctx.output.local_path())
+    save_reranker(trained.model, out / "model", trained.calibrator)
+    summary = {
+        "kind": settings.kind,
+        "split": split,
+        "test": test,
+        "test_uncalibrated": uncalibrated,
+        "logistic_test": lr_test,
+        "calibration": trained.calibrator.to_dict() if trained.calibrator else None,
+        "best_epoch": trained.best_epoch,
+        "best_valid_auc": trained.best_valid_auc,
+        "train_s": trained.wall_s,
+        "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
+    }
+    (out / "ranker.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "history.json").write_text(json.dumps(trained.history, indent=2, default=float))
+    plot_history(trained.history, out / "plots" / "ranker_loss.png")
+    plot_reliability(
+        {f"{settings.kind} (calibrated)": reliability, f"{settings.kind} (raw)": raw_reliability},
+        out / "plots" / "ranker_reliability.png",
+    )
+    metrics = {f"ranker_test_{k}": float(test[k]) for k in TEST_KEYS}
+    metrics.update({f"ranker_logistic_test_{k}": float(lr_test[k]) for k in TEST_KEYS})
+    metrics["ranker_test_ece_uncalibrated"] = float(uncalibrated["ece"])
+    return StepResult(
+        row_counts=summary["rows"],
+        metrics=metrics,
+        artifacts=(
+            "ranker.json",
+            "history.json",
+            "plots/ranker_loss.png",
+            "plots/ranker_reliability.png",
+        ),
+        extra={"best_epoch": trained.best_epoch, "split": split},
+    )
+
+
+def run_register_ranker(ctx: StepContext) -> StepResult:
+    trained = Path(ctx.input_path("train_ranker").local_path())
+    if mlflow.active_run() is None:
+        ctx.output.join("registered.json").write_text_atomic(
+            json.dumps({"skipped": "tracking off"})
+        )
+        return StepResult(extra={"skipped": "tracking off"})
+    settings = ctx.config.models.ranker
+    summary = json.loads((trained / "ranker.json").read_text())
+    history = json.loads((trained / "history.json").read_text())
+    gate_value = float(summary["test"][settings.gate_metric])
+    spec = FeatureSpec.load(ctx.input_path("features"))
+    saved: SavedReranker = load_reranker(trained / "model")
+    with mlflow.start_run(run_name="ranker_model", nested=True):
+        mlflow.log_dict(ctx.config.model_dump(mode="json"), "config.json")
+        log_training_history(history)
+        mlflow.log_metrics({metric_name(f"test_{k}"): float(summary["test"][k]) for k in TEST_KEYS})
+        mlflow.log_metrics(
+            {f"logistic_test_{k}": float(summary["logistic_test"][k]) for k in TEST_KEYS}
+        )
+        for plot in (trained / "plots").glob("*.png"):
+            mlflow.log_artifact(str(plot), "plots")
+        schema = dict(read_examples(ctx.input_path("features")).collect_schema())
+        uri = log_reranker(saved, spec, schema)
+        registered = register_and_gate(
+            uri, settings.registered_model, settings.gate_metric, gate_value
+        )
+    record = {
+        "name": registered.name,
+        "version": registered.version,
+        "model_uri": registered.model_uri,
+        "promoted": registered.promoted,
+        "reason": registered.reason,
+        "gate_metric": settings.gate_metric,
+        "gate_value": gate_value,
+    }
+    ctx.output.join("registered.json").write_text_atomic(json.dumps(record, indent=2))
+    return StepResult(
+        metrics={"ranker_promoted": float(registered.promoted)},
+        artifacts=("registered.json",),
+        extra=record,
+    )
+
+
+TRAIN_RANKER = Step(
+    name="train_ranker",
+    run=run_train_ranker,
+    description="MoE reranker on Ray Train over the feature spec's examples, calibrated, against LR",
+    inputs=("features",),
+    config_keys=("models.ranker",),
+    code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
+)
+
+REGISTER_RANKER = Step(
+    name="register_ranker",
+    run=run_register_ranker,
+    description="log the reranker and its feature spec to MLflow; challenger, champion when better",
+    inputs=("train_ranker", "features"),
+    config_keys=("models.ranker.registered_model", "models.ranker.gate_metric"),
+    code=("pipelines.ranker.registry", "pipelines.steps.ranker"),
+)
