@@ -285,18 +285,25 @@ def ranker_data_from_examples(
     seed: int = 0,
 ) -> RankerData:
     """Split an example table and encode each part by ``spec`` (statistics are the spec's own)."""
-    columns = SpecColumns.of(spec, frame.columns)
     parts = split_examples(frame, split, ratios, seed)
     for name, part in zip(("train", "valid", "test"), parts, strict=True):
         if part.height == 0:
             raise SpecError(f"the {split} split left the {name} part empty ({frame.height} rows)")
-    train, valid, test = (encode_examples(p, spec, columns) for p in parts)
+    return ranker_data_from_parts(*parts, spec=spec)
+
+
+def ranker_data_from_parts(
+    train: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFrame, spec: FeatureSpec
+) -> RankerData:
+    """Encode given train/valid/test tables (e.g. a dataset's own files) by ``spec``."""
+    columns = SpecColumns.of(spec, train.columns)
+    encoded = [encode_examples(part, spec, columns) for part in (train, valid, test)]
     return RankerData(
         layout=columns.layout(),
         spec=columns.column_spec(),
-        train=train,
-        valid=valid,
-        test=test,
+        train=encoded[0],
+        valid=encoded[1],
+        test=encoded[2],
         vocabularies={f.name: list(f.vocabulary or ()) for f in columns.categorical},
         numeric_stats={
             f.name: (float(f.mean or 0.0), float(f.std or 1.0)) for f in columns.numeric
