@@ -6,27 +6,27 @@ Protocol (:mod:`pipelines.ranker.two_stage` holds the evaluation itself):
 
 - World: the ``default`` preset's simulator (same click model, policy and
   latent sizes) shrunk so the whole script runs in a few minutes on 2 cores:
-  8,000 users, 3,000 items, 14 days, 30,000 impressions a day (``--set
-  simulator.…`` changes any of it). The default preset's popularity shock
-  (day 21) lies past the last day, so this world has no drift.
-- Hold-out: the last day (day 13). Both models learn from days 0..12 only:
+  8,000 users, 3,000 items, 10 days, 45,000 impressions a day (``--set
+  simulator.…`` changes any of it; 468k events). The default preset's
+  popularity shock (day 21) lies past the last day, so this world has no drift.
+- Hold-out: the last day (day 9). Both models learn from days 0..8 only:
   the reranker from the point-in-time training frame of those days
   (:func:`features.build.build_features`), split by time (``models.ranker``'s
   temporal 8:1:1; its early stopping uses the validation part, its test part
   is reported as a sanity check); the two-tower from the clicks of days
-  0..11, early-stopped on day 12's clicks (full ranking, recall@10), trained
+  0..7, early-stopped on day 8's clicks (full ranking, recall@10), trained
   by a plain loop (:func:`pipelines.retrieval.loop.train_step`, no Ray: the
   same step Ray Train runs, without its start-up).
-- Requests: users with at least one click on the held-out day, ``--requests``
-  of them drawn at random (seeded); each request is the user's first
-  impression time that day; its clicked items are everything the user clicked
-  that day.
-- Retrieval: the user vector from the clicks of days 0..12 (history) against
+- Requests: users with at least one click on the held-out day (684 in this
+  world), at most ``--requests`` of them drawn at random (seeded); each
+  request is the user's first impression time that day; its clicked items
+  are everything the user clicked that day.
+- Retrieval: the user vector from the clicks of days 0..8 (history) against
   an exact index of the items live on the held-out day, top ``--candidates``.
   Nothing is excluded by default: the simulator's click model has no
   satiation (a clicked item is as relevant the next day) and users do click
   items again, so excluding seen items would drop true positives;
-  ``--exclude-seen`` excludes the clicks of days 0..12 (and the global ideal
+  ``--exclude-seen`` excludes the clicks of days 0..8 (and the global ideal
   then skips them too).
 - Rerank: the candidates featurised as of the request time (events strictly
   before it, the held-out day's earlier events of other users included, as an
@@ -37,6 +37,13 @@ Protocol (:mod:`pipelines.ranker.two_stage` holds the evaluation itself):
   ``oracle`` orders the N candidates by true relevance (the best any reranker
   can do with them), ``random`` shuffles them (the floor). Paired bootstrap
   CIs (1,000 resamples of the requests) of every order minus retrieval.
+- Clicks exist only where the logging policy showed an item, at the position
+  it chose, so click-judged metrics also reward guessing the policy.
+  ``{order}_exposed@10`` measures that guess; the ``shown_*`` keys judge each
+  order on the candidates the user was shown that day only (unshown ones
+  pushed last; requests with a clicked candidate): by clicks, by clicks
+  divided by the true ``P(examine | position)`` of each impression
+  (``ips_ndcg``, position bias removed) and by true relevance.
 - Timings are per request, amortised over the batch of requests (one index
   search, one featurisation, one forward pass): throughput, not latency.
 """
@@ -55,6 +62,7 @@ import copy
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -88,8 +96,8 @@ from pipelines.retrieval.loop import StepInputs, build_model, seed_everything, t
 WORLD = (
     "simulator.n_users=8000",
     "simulator.n_items=3000",
-    "simulator.n_days=14",
-    "simulator.impressions_per_day=30000",
+    "simulator.n_days=10",
+    "simulator.impressions_per_day=45000",
     "simulator.drifts=[]",
 )
 ORDERS = ("retrieval", "reranked", "oracle", "random")
@@ -100,14 +108,33 @@ def day_start(sim: ClickLogSimulator, day: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(sim.world.day_start_us(day) / 1e6, tz=dt.UTC)
 
 
-def clicks_of(events: pl.DataFrame, shown: bool = False) -> pl.DataFrame:
-    """``user_id, item_id, ts`` of clicked impressions, or of all impressions when ``shown``.
+def clicks_of(events: pl.DataFrame) -> pl.DataFrame:
+    """``user_id, item_id, ts`` of clicked impressions (ratings repeat a click: left out)."""
+    return events.filter((pl.col("event_type") == "impression") & (pl.col("label") > 0)).select(
+        "user_id", "item_id", "ts"
+    )
 
-    Ratings repeat a click (same user, item, request): left out.
+
+def ips_gains(
+    shown: pl.DataFrame, items: np.ndarray, examine: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """(B, N) per candidate: mean over its impressions of ``click / P(examine | position)``.
+
+    ``shown``: ``row, item_id, position, label`` of the requests' impressions in
+    the judged period; 0 for a candidate never shown. With the true examination
+    probabilities (the simulator's; a real log estimates them, e.g. by
+    randomising the top slots), an unbiased estimate of its relevance.
     """
-    impressions = pl.col("event_type") == "impression"
-    keep = impressions if shown else impressions & (pl.col("label") > 0)
-    return events.filter(keep).select("user_id", "item_id", "ts")
+    weighted = shown.with_columns(
+        (pl.col("label") / examine(shown.get_column("position").to_numpy())).alias("gain")
+    )
+    gains = weighted.group_by("row", "item_id").agg(pl.col("gain").mean())
+    b, n = items.shape
+    slots = pl.DataFrame(
+        {"row": np.repeat(np.arange(b, dtype=np.int64), n), "item_id": items.ravel()}
+    )
+    joined = slots.join(gains, on=["row", "item_id"], how="left", maintain_order="left")
+    return joined.get_column("gain").fill_null(0.0).to_numpy().reshape(b, n)
 
 
 def train_two_tower(
@@ -231,22 +258,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     mark = lap("train_retrieval", mark)
 
     # ---------------------------------------------------------------- requests
-    requests = first_requests(events, test_start, test_end).join(
-        split.test.select("user_id").unique(), on="user_id", how="semi"
+    # Sorted again: a join does not keep row order, and the draw below must be reproducible.
+    requests = (
+        first_requests(events, test_start, test_end)
+        .join(split.test.select("user_id").unique(), on="user_id", how="semi")
+        .sort("user_id")
     )
     rng = np.random.default_rng(args.seed)
     n_requests = min(args.requests, requests.height)
     requests = requests[np.sort(rng.choice(requests.height, n_requests, replace=False))]
     user_ids = requests.get_column("user_id").to_numpy().astype(np.int64)
     row_of = pl.DataFrame({"user_id": user_ids, "row": np.arange(n_requests, dtype=np.int64)})
-    test_clicks = split.test.join(row_of, on="user_id")
+    test_clicks = split.test.join(row_of, on="user_id", maintain_order="left")
     clicked = UserItems.from_pairs(
         test_clicks.get_column("row").to_numpy(),
         test_clicks.get_column("item_id").to_numpy(),
         n_requests,
     )
-    test_shown = clicks_of(events, shown=True).filter(pl.col("ts") >= test_start)
-    shown = test_shown.join(row_of, on="user_id")
+    shown = events.filter(
+        (pl.col("event_type") == "impression") & (pl.col("ts") >= test_start)
+    ).join(row_of, on="user_id", maintain_order="left")
     shown_items = UserItems.from_pairs(
         shown.get_column("row").to_numpy(), shown.get_column("item_id").to_numpy(), n_requests
     )
@@ -302,7 +333,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         global_ideal=global_ideal,
         exposed=exposed,
     )
-    exposure = exposed_report(candidates.items, orders, relevance, clicked, exposed, args.k)
+    gains = ips_gains(
+        shown.select("row", "item_id", "position", "label"),
+        candidates.items,
+        sim.examine_probability,
+    )
+    exposure = exposed_report(candidates.items, orders, gains, clicked, exposed, args.k)
+    exposure_truth = exposed_report(candidates.items, orders, relevance, clicked, exposed, args.k)
     lap("report", mark)
 
     # ---------------------------------------------------------------- output
@@ -314,21 +351,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "exclude_seen": args.exclude_seen,
         **{key: value for key, value in report.metrics.items()},
         **{f"{key}_ci95": list(report.intervals[key]) for key in report.intervals},
-        "exposed_n_users": exposure.n_requests,
-        **{
-            f"exposed_{key}": value
-            for key, value in exposure.metrics.items()
-            if key.endswith((f"ndcg@{args.k}", f"recall@{args.k}"))
-            and "true" not in key
-            and "candidate" not in key
-        },
-        **{
-            f"exposed_{key}_ci95": list(exposure.intervals[key])
-            for key in exposure.intervals
-            if "minus" in key
-            and key.endswith((f"_ndcg@{args.k}", f"_recall@{args.k}"))
-            and "true" not in key
-        },
+        "shown_n_users": exposure.n_requests,
+        **shown_keys(exposure, "ips_ndcg"),
+        **shown_keys(exposure_truth, "true_ndcg", clicks=False),
         "reranker_test_auc": ranker_test["auc"],
         "reranker_test_gauc": ranker_test["gauc"],
         "reranker_best_epoch": trained_ranker.best_epoch,
@@ -367,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "wall_s": round(time.perf_counter() - started, 1),
     }
     print_table(report)
-    print_exposed(exposure)
+    print_exposed(exposure, exposure_truth)
     print(
         f"reranker test AUC {ranker_test['auc']:.4f} (GAUC {ranker_test['gauc']:.4f}); "
         f"retrieval best valid recall@10 {results['retrieval_best_valid_recall@10']:.4f}"
@@ -387,15 +412,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 def exposed_report(
     items: np.ndarray,
     orders: dict[str, np.ndarray],
-    relevance: np.ndarray,
+    gains: np.ndarray,
     clicked: UserItems,
     exposed: np.ndarray,
     k: int,
 ) -> TwoStageReport:
-    """Click metrics of each order over the candidates the user was shown only.
+    """Each order judged on the candidates the user was shown that day only.
 
     Requests with a clicked candidate; a request's relevant set is its clicked
-    candidates (so recall measures the order, not what retrieval missed).
+    candidates (so recall measures the order, not what retrieval missed);
+    ``gains`` (B, N) the graded gains (:func:`ips_gains`: position-debiased clicks).
     """
     hits = membership(items, clicked)
     keep = np.flatnonzero(hits.any(axis=1))
@@ -404,26 +430,53 @@ def exposed_report(
     return two_stage_report(
         items[keep],
         {name: scores[keep] for name, scores in exposed_first(orders, exposed).items()},
-        relevance[keep],
+        # Gains of unshown candidates are 0, so the ideal order is over the shown ones.
+        np.where(exposed, gains, 0.0)[keep],
         kept_clicks,
         k=k,
     )
 
 
-def print_exposed(report: TwoStageReport) -> None:
+def shown_keys(report: TwoStageReport, graded: str, clicks: bool = True) -> dict[str, object]:
+    """A shown-only report's keys, ``shown_`` prefixed, its graded NDCG named ``graded``."""
     k = report.k
-    print(f"\nshown items only ({report.n_requests} requests with a clicked candidate)")
+    out: dict[str, object] = {}
+    wanted = (f"_true_ndcg@{k}",) + ((f"_ndcg@{k}", f"_recall@{k}") if clicks else ())
+    for key, value in report.metrics.items():
+        if not key.endswith(wanted) or "global" in key:
+            continue
+        name = "shown_" + key.replace(f"true_ndcg@{k}", f"{graded}@{k}")
+        out[name] = value
+        if "minus" in key:
+            out[f"{name}_ci95"] = list(report.intervals[key])
+    return out
+
+
+def print_exposed(report: TwoStageReport, truth: TwoStageReport) -> None:
+    k = report.k
     print(
-        f"{'order':<11}{f'ndcg@{k}':>12}{f'recall@{k}':>12}{'minus retrieval (ndcg, 95% CI)':>36}"
+        f"\nshown items only ({report.n_requests} requests with a clicked candidate; "
+        "ips: clicks / P(examine | position))"
     )
+    columns = (
+        (report, "ndcg", "ndcg"),
+        (report, "recall", "recall"),
+        (report, "true_ndcg", "ips_ndcg"),
+        (truth, "true_ndcg", "true_ndcg"),
+    )
+    print(f"{'order':<10}" + "".join(f"{f'{label}@{k}':>23}" for _, _, label in columns))
     for order in ORDERS:
-        line = f"{order:<11}"
-        for name in ("ndcg", "recall"):
-            line += f"{report.metrics[f'{order}_{name}@{k}']:>12.4f}"
-        if order != "retrieval":
-            key = f"{order}_minus_retrieval_ndcg@{k}"
-            low, high = report.intervals[key]
-            line += f"{f'{report.metrics[key]:+.4f} [{low:+.4f}, {high:+.4f}]':>36}"
+        line = f"{order:<10}"
+        for part, name, _ in columns:
+            line += f"{part.metrics[f'{order}_{name}@{k}']:>23.4f}"
+        print(line)
+    print("minus retrieval, mean [95% CI]")
+    for order in ORDERS[1:]:
+        line = f"{order:<10}"
+        for part, name, _ in columns:
+            key = f"{order}_minus_retrieval_{name}@{k}"
+            low, high = part.intervals[key]
+            line += f"{f'{part.metrics[key]:+.3f} [{low:+.3f},{high:+.3f}]':>23}"
         print(line)
 
 
