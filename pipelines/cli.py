@@ -50,6 +50,10 @@ evaluate_app = typer.Typer(help="Offline evaluation on held-out data.", no_args_
 app.add_typer(train_app, name="train")
 app.add_typer(index_app, name="index")
 app.add_typer(evaluate_app, name="evaluate")
+tune_app = typer.Typer(help="Hyper-parameter search (Ray Tune).", no_args_is_help=True)
+finetune_app = typer.Typer(help="Fine-tune trained models on fresh data.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
+app.add_typer(finetune_app, name="finetune")
 
 out = Console()
 
@@ -231,6 +235,71 @@ def train_retrieval_command(
     _run(config, "train_retrieval", force, track=True)
 
 
+@train_app.command("ranker")
+def train_ranker_command(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option(help="Train again even when the model is current.")
+    ] = False,
+) -> None:
+    """Train the MoE reranker (and the steps it needs) on Ray Train, calibrated and registered."""
+    config = _config(preset, sets)
+    _run(config, "register_ranker", force, track=True)
+
+
+@tune_app.command("ranker")
+def tune_ranker_command(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Trials of the search (models.ranker.tuning.trials).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Search again even when the result is current.")
+    ] = False,
+) -> None:
+    """Search the reranker's hyper-parameters with Ray Tune (ASHA + Optuna), then train the best."""
+    extra = ["models.ranker.tuning.enabled=true"]
+    if trials is not None:
+        extra.append(f"models.ranker.tuning.trials={trials}")
+    config = _config(preset, sets, extra)
+    _run(config, "register_ranker", force, track=True)
+
+
+@finetune_app.command("ranker")
+def finetune_ranker_command(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    window: Annotated[
+        int | None,
+        typer.Option(help="Newest days to fine-tune on (models.ranker.finetune.window_days)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Fine-tune again even when the result is current.")
+    ] = False,
+) -> None:
+    """LoRA fine-tune of the trained reranker on the newest days, judged on the window's end."""
+    extra = [] if window is None else [f"models.ranker.finetune.window_days={window}"]
+    config = _config(preset, sets, extra)
+    _run(config, "finetune_ranker", force, track=True)
+    from pipelines.runner import published
+
+    current = published(config, "finetune_ranker")
+    if current is None:
+        raise typer.Exit(1)
+    record = json.loads(current.path.join("finetune.json").read_text())
+    if "skipped" in record:
+        out.print(f"fine-tuning skipped: {record['skipped']}")
+        return
+    out.print(
+        f"window {record['window_days']} day(s): AUC {record['base']['auc']:.4f} -> "
+        f"{record['finetuned']['auc']:.4f} on {record['rows']['holdout']:,} held-out rows; "
+        f"{record['trainable_parameters']:,} of {record['total_parameters']:,} parameters trained "
+        f"in {record['seconds']:.1f} s; {'kept' if record['improved'] else 'not better, base kept'}"
+    )
+
+
 @index_app.command("build")
 def index_build(
     preset: PresetOpt = "default",
@@ -279,6 +348,35 @@ def evaluate_retrieval(preset: PresetOpt = "default", sets: SetOpt = None) -> No
             f"{summary['test'][key]:.4f}",
             "-" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]",
             "-" if popular is None else f"{popular:.4f}",
+        )
+    out.print(table)
+
+
+@evaluate_app.command("ranker")
+def evaluate_ranker(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """Test CTR metrics of the current reranker beside logistic regression on the same rows."""
+    from pipelines.runner import published
+
+    config = _config(preset, sets)
+    _run(config, "train_ranker", False, track=True)
+    current = published(config, "train_ranker")
+    if current is None:
+        raise typer.Exit(1)
+    summary = json.loads(current.path.join("ranker.json").read_text())
+    table = Table(
+        title=f"reranker ({summary['kind']}), test split ({summary['split']}), "
+        f"{summary['rows']['test']:,} rows"
+    )
+    table.add_column("metric")
+    table.add_column(f"{summary['kind']} (calibrated)", justify="right")
+    table.add_column(f"{summary['kind']} (raw)", justify="right")
+    table.add_column("logistic regression", justify="right")
+    for key in ("auc", "gauc", "logloss", "ece"):
+        table.add_row(
+            key,
+            f"{summary['test'][key]:.4f}",
+            f"{summary['test_uncalibrated'][key]:.4f}",
+            f"{summary['logistic_test'][key]:.4f}",
         )
     out.print(table)
 

@@ -6,7 +6,7 @@ from pipelines.dag import Pipeline
 from pipelines.steps.features import FEATURES
 from pipelines.steps.ingest import INGEST
 from pipelines.steps.materialize import MATERIALIZE
-from pipelines.steps.ranker import REGISTER_RANKER, TRAIN_RANKER
+from pipelines.steps.ranker import FINETUNE_RANKER, REGISTER_RANKER, TRAIN_RANKER, TUNE_RANKER
 from pipelines.steps.retrieval import INDEX, REGISTER_RETRIEVAL, TRAIN_RETRIEVAL
 from pipelines.steps.summarize import SUMMARIZE
 from pipelines.steps.validate import VALIDATE
@@ -22,8 +22,10 @@ MAIN = Pipeline(
         TRAIN_RETRIEVAL,
         INDEX,
         REGISTER_RETRIEVAL,
+        TUNE_RANKER,
         TRAIN_RANKER,
         REGISTER_RANKER,
+        FINETUNE_RANKER,
     ),
 )
 

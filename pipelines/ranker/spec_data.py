@@ -269,11 +269,15 @@ def split_examples(
     ordered = frame.sort("ts", maintain_order=True)
     ts = ordered.get_column("ts")
     # Cut at the timestamp of the quantile row: every row of one instant stays on one side.
-    cut_valid = ts[min(n - 1, round(ratios[0] * n))] if n else None
-    cut_test = ts[min(n - 1, round((ratios[0] + ratios[1]) * n))] if n else None
-    train = ordered.filter(pl.col("ts") < cut_valid)
-    valid = ordered.filter((pl.col("ts") >= cut_valid) & (pl.col("ts") < cut_test))
-    test = ordered.filter(pl.col("ts") >= cut_test)
+    # A cut at or past the end leaves the later parts empty (a ratio of 0 means none).
+    first = round(ratios[0] * n)
+    second = round((ratios[0] + ratios[1]) * n)
+    never = pl.lit(False)
+    after_valid = pl.col("ts") >= ts[first] if first < n else never
+    after_test = pl.col("ts") >= ts[second] if second < n else never
+    train = ordered.filter(~after_valid)
+    valid = ordered.filter(after_valid & ~after_test)
+    test = ordered.filter(after_test)
     return train, valid, test
 
 

@@ -1,6 +1,11 @@
-"""Reranker steps: train the MoE reranker on the published examples, register it.
+"""Reranker steps: tune, train, register and fine-tune the MoE reranker on the published examples.
 
-``train_ranker``     the ``features`` step's examples and feature spec -> split
+``tune_ranker``      Ray Tune (ASHA + Optuna TPE) over ``models.ranker.tuning.space``
+                     on the same split; trials are MLflow child runs; publishes
+                     the best config, every trial's row and the Pareto plot.
+                     Off (a "skipped" record) unless ``tuning.enabled``.
+``train_ranker``     the ``features`` step's examples and feature spec (and the
+                     tuned config, when there is one) -> split
                      (``models.ranker.split``; random for tables without time)
                      -> Ray Train -> calibration on validation -> test CTR
                      metrics beside a logistic-regression baseline trained in
@@ -10,10 +15,15 @@
 ``register_ranker``  the model and its feature spec to MLflow (a nested run with
                      per-epoch metrics and plots), registered as ``challenger``;
                      ``champion`` only when the gated test metric wins.
+``finetune_ranker``  LoRA on the newest ``finetune.window_days``: the trained model
+                     is tuned on the window's first part (base frozen, adapters
+                     merged) and judged against itself on the window's last part;
+                     publishes the merged model when it wins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -33,7 +43,12 @@ from pipelines.ranker.data import RankerData, RankerPart
 from pipelines.ranker.loop import configs_from, predict, train_epochs
 from pipelines.ranker.plots import plot_history, plot_reliability
 from pipelines.ranker.registry import log_reranker
-from pipelines.ranker.spec_data import ranker_data_from_examples
+from pipelines.ranker.spec_data import (
+    SpecError,
+    encode_examples,
+    ranker_data_from_examples,
+    split_examples,
+)
 from pipelines.ranker.trainer import train_ranker
 from pipelines.retrieval.registry import log_training_history, metric_name, register_and_gate
 from pipelines.step import Step, StepContext, StepResult
@@ -69,8 +84,47 @@ def test_report(
     return report, table
 
 
-def run_train_ranker(ctx: StepContext) -> StepResult:
+def tuned_settings(ctx: StepContext) -> RankerConfig:
+    """``models.ranker``, or the tuned config when ``tune_ranker`` published one."""
+    best = Path(ctx.input_path("tune_ranker").local_path()) / "best_config.json"
+    if not best.exists():
+        return ctx.config.models.ranker
+    return RankerConfig.model_validate_json(best.read_text())
+
+
+def run_tune_ranker(ctx: StepContext) -> StepResult:
     settings = ctx.config.models.ranker
+    if not settings.tuning.enabled:
+        ctx.output.join("tuning.json").write_text_atomic(json.dumps({"skipped": "tuning off"}))
+        return StepResult(extra={"skipped": "tuning off"})
+    from pipelines.ranker.tuning import plot_pareto, tune_ranker
+
+    data, _, split = ranker_inputs(ctx, settings)
+    ensure_ray(ctx.config.ray)
+    storage = Path(ctx.workdir.local_path()) / "ray_results"
+    run = mlflow.active_run()
+    result = tune_ranker(data, settings, storage, run.info.run_id if run else None)
+    out = Path(ctx.output.local_path())
+    (out / "best_config.json").write_text(result.best.model_dump_json(indent=2))
+    record = {
+        "split": split,
+        "best_valid_auc": result.best_valid_auc,
+        "best_trial_id": result.best_trial_id,
+        "wall_s": result.wall_s,
+        "trials": [dataclasses.asdict(row) for row in result.rows],
+    }
+    (out / "tuning.json").write_text(json.dumps(record, indent=2, default=float))
+    plot_pareto(result.rows, out / "plots" / "tuning_pareto.png")
+    return StepResult(
+        row_counts={"trials": len(result.rows)},
+        metrics={"tuning_best_valid_auc": result.best_valid_auc, "tuning_wall_s": result.wall_s},
+        artifacts=("best_config.json", "tuning.json", "plots/tuning_pareto.png"),
+        extra={"best_trial_id": result.best_trial_id},
+    )
+
+
+def run_train_ranker(ctx: StepContext) -> StepResult:
+    settings = tuned_settings(ctx)
     data, _, split = ranker_inputs(ctx, settings)
     ensure_ray(ctx.config.ray)
     storage = Path(ctx.workdir.local_path()) / "ray_results"
@@ -163,11 +217,93 @@ def run_register_ranker(ctx: StepContext) -> StepResult:
     )
 
 
+def run_finetune_ranker(ctx: StepContext) -> StepResult:
+    from pipelines.ranker.finetune import finetune, window_split
+
+    settings = tuned_settings(ctx)
+    folder = ctx.input_path("features")
+    spec = FeatureSpec.load(folder)
+    frame = read_examples(folder).collect()
+    if "ts" not in frame.columns:
+        ctx.output.join("finetune.json").write_text_atomic(json.dumps({"skipped": "no time"}))
+        return StepResult(extra={"skipped": "table without time"})
+    _, window = window_split(frame, settings.finetune.window_days)
+    # The window's first part tunes, its last part judges (validation and report).
+    tune_rows, holdout, _ = split_examples(window, "temporal", (0.7, 0.3, 0.0))
+    if tune_rows.height == 0 or holdout.height == 0:
+        raise SpecError(
+            f"the newest {settings.finetune.window_days} day(s) hold too few rows to fine-tune "
+            f"({window.height})"
+        )
+    base = load_reranker(Path(ctx.input_path("train_ranker").local_path()) / "model")
+    tune_part = encode_examples(tune_rows, spec)
+    holdout_part = encode_examples(holdout, spec)
+    result = finetune(
+        base.model,
+        tune_part,
+        holdout_part,
+        settings.finetune,
+        mode="lora",
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+    improved = result.best_epoch > 0
+    before, _ = test_report(base.model, holdout_part, None)
+    after, _ = test_report(result.model, holdout_part, None)
+    out = Path(ctx.output.local_path())
+    if improved:
+        # The base calibrator no longer fits the tuned logits: refit on the holdout.
+        calibrator = None
+        if settings.calibration != "none":
+            from models.calibration import fit_calibration
+
+            calibrator = fit_calibration(
+                settings.calibration,
+                predict(result.model, holdout_part),
+                holdout_part.labels.numpy(),
+            )
+        save_reranker(result.model, out / "model", calibrator)
+    record = {
+        "window_days": settings.finetune.window_days,
+        "rows": {"tune": tune_rows.height, "holdout": holdout.height},
+        "base": before,
+        "finetuned": after,
+        "improved": improved,
+        "trainable_parameters": result.trainable_parameters,
+        "total_parameters": result.total_parameters,
+        "adapted_layers": result.adapted_layers,
+        "best_epoch": result.best_epoch,
+        "seconds": result.seconds,
+        "history": result.history,
+    }
+    (out / "finetune.json").write_text(json.dumps(record, indent=2, default=float))
+    return StepResult(
+        row_counts=record["rows"],
+        metrics={
+            "finetune_base_auc": float(before["auc"]),
+            "finetune_auc": float(after["auc"]),
+            "finetune_trainable_parameters": float(result.trainable_parameters),
+            "finetune_s": result.seconds,
+        },
+        artifacts=("finetune.json",),
+        extra={"improved": improved},
+    )
+
+
+TUNE_RANKER = Step(
+    name="tune_ranker",
+    run=run_tune_ranker,
+    description="Ray Tune (ASHA + Optuna TPE) over the reranker's search space; off unless enabled",
+    inputs=("features",),
+    config_keys=("models.ranker",),
+    code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
+)
+
 TRAIN_RANKER = Step(
     name="train_ranker",
     run=run_train_ranker,
     description="MoE reranker on Ray Train over the feature spec's examples, calibrated, against LR",
-    inputs=("features",),
+    inputs=("features", "tune_ranker"),
     config_keys=("models.ranker",),
     code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
 )
@@ -179,4 +315,13 @@ REGISTER_RANKER = Step(
     inputs=("train_ranker", "features"),
     config_keys=("models.ranker.registered_model", "models.ranker.gate_metric"),
     code=("pipelines.ranker.registry", "pipelines.steps.ranker"),
+)
+
+FINETUNE_RANKER = Step(
+    name="finetune_ranker",
+    run=run_finetune_ranker,
+    description="LoRA fine-tune of the trained reranker on the newest window, judged on its end",
+    inputs=("train_ranker", "features", "tune_ranker"),
+    config_keys=("models.ranker",),
+    code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
 )

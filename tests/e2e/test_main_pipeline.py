@@ -95,6 +95,22 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     printed = capsys.readouterr().out
     assert "recall@10" in printed and "popularity" in printed
 
+    assert main(["evaluate", "ranker", *args[1:]]) == 0
+    printed = capsys.readouterr().out
+    assert "gauc" in printed and "logistic regression" in printed
+
+    # Fine-tuning ran in the DAG (tuning is off in tiny); the CLI reports it for another window.
+    tuning = json.loads(published(config, "tune_ranker").path.join("tuning.json").read_text())  # type: ignore[union-attr]
+    assert tuning == {"skipped": "tuning off"}
+    finetuned = json.loads(
+        published(config, "finetune_ranker").path.join("finetune.json").read_text()
+    )  # type: ignore[union-attr]
+    assert 0 < finetuned["trainable_parameters"] < finetuned["total_parameters"]
+    assert finetuned["rows"]["tune"] > 0 and finetuned["rows"]["holdout"] > 0
+    assert main(["finetune", "ranker", "--window", "2", *args[1:]]) == 0
+    printed = capsys.readouterr().out
+    assert "window 2 day(s): AUC" in printed
+
 
 def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
     workdir: Path, capsys: pytest.CaptureFixture[str]

@@ -89,6 +89,9 @@ def test_temporal_split_never_trains_on_the_future() -> None:
     assert train.height + valid.height + test.height == frame.height
     assert train.get_column("ts").max() < valid.get_column("ts").min()
     assert valid.get_column("ts").max() < test.get_column("ts").min()
+    # A zero share is an empty part, not the last instant's rows.
+    train, valid, test = split_examples(frame, "temporal", (0.7, 0.3, 0.0))
+    assert test.height == 0 and train.height + valid.height == frame.height
 
 
 def test_random_split_is_seeded() -> None:
