@@ -210,10 +210,16 @@ class FeatureEmbedder(nn.Module):
     """:class:`FeatureBatch` -> (B, F), F = D · (C + H + S) + N.
 
     Every embedded column lives in one table (row blocks at fixed offsets), so
-    a batch costs one lookup for the categorical and hashed columns instead of
-    one per column, and one sparse gradient for the optimiser. Row 0 of a
+    a batch costs one lookup for all embedded columns instead of one per
+    column, and one sparse gradient for the optimiser. Row 0 of a
     vocabulary block is the trained "unknown" row; sequences mean-pool their
     non-padding ids (row 0 excluded; all-padding gives zeros).
+
+    The lookup is a single ``embedding_bag``: every single-id column is a bag
+    of one id (weight 1, so its output is the row itself), every sequence a
+    bag of its L ids with the mean-pooling weights. Two lookups (a plain
+    embedding beside a bag) would give two sparse gradients, and autograd's
+    sparse + sparse addition cost more than the rest of the embedder.
     """
 
     def __init__(self, layout: FeatureLayout, embedding_dim: int, sparse: bool = True) -> None:
@@ -250,41 +256,61 @@ class FeatureEmbedder(nn.Module):
 
     def forward(self, batch: FeatureBatch) -> torch.Tensor:
         """batch -> (B, F)."""
-        b = batch.batch_size
+        if len(batch.sequences) != len(self.layout.sequences):
+            raise ValueError(
+                f"batch has {len(batch.sequences)} sequences, the layout {len(self.layout.sequences)}"
+            )
         parts: list[torch.Tensor] = []
+        if self.layout.embedded_columns:
+            parts.append(self._embedded(batch))
+        if self.layout.numeric:
+            parts.append(self._checked(batch.numeric, "numeric", self.layout.numeric).float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _embedded(self, batch: FeatureBatch) -> torch.Tensor:
+        """batch -> (B, (C + H + S) · D), the embedded columns in layout order."""
+        b = batch.batch_size
+        ids, weights = self._bags(batch)  # (B, W) each
+        # Bag starts within one sample's W ids: one per single-id column, then
+        # one per sequence (its length is the batch's, so computed per call).
+        lengths = [1] * (len(self.layout.categorical) + len(self.layout.hashed))
+        lengths += [s.shape[1] for s in batch.sequences]
+        starts = torch.tensor([0, *itertools.accumulate(lengths)][:-1], device=ids.device)
+        offsets = torch.arange(b, device=ids.device).unsqueeze(1) * ids.shape[1] + starts
+        return F.embedding_bag(
+            ids.reshape(-1),
+            self.table.weight,
+            offsets.reshape(-1),
+            mode="sum",
+            per_sample_weights=weights.reshape(-1),
+            sparse=self.table.sparse,
+        ).view(b, -1)
+
+    def _bags(self, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch -> table rows (B, W) and their weights (B, W), W = C + H + Σ L_s.
+
+        Single-id columns weigh 1; a sequence's kept ids weigh 1 / (kept
+        count), its padding (mapped to its block's row 0) weighs 0.
+        """
+        b = batch.batch_size
+        rows: list[torch.Tensor] = []
         if self.layout.categorical:
             ids = self._checked(batch.categorical, "categorical", len(self.layout.categorical))
             known = (ids > PAD) & (ids < self.categorical_rows)
-            rows = torch.where(known, ids, torch.zeros_like(ids)) + self.categorical_offsets
-            parts.append(self.table(rows).reshape(b, -1))
+            rows.append(torch.where(known, ids, torch.zeros_like(ids)) + self.categorical_offsets)
         if self.layout.hashed:
             raw = self._checked(batch.hashed, "hashed", len(self.layout.hashed))
             buckets = torch.stack(
                 [hash_buckets(raw[:, h], n) for h, n in enumerate(self.layout.hashed)], dim=1
             )
-            parts.append(self.table(buckets + self.hashed_offsets).reshape(b, -1))
-        if len(batch.sequences) != len(self.layout.sequences):
-            raise ValueError(
-                f"batch has {len(batch.sequences)} sequences, the layout {len(self.layout.sequences)}"
-            )
-        for ids, (offset, rows) in zip(batch.sequences, self.sequence_blocks, strict=True):
-            parts.append(self._pool(ids, offset, rows))
-        if self.layout.numeric:
-            parts.append(self._checked(batch.numeric, "numeric", self.layout.numeric).float())
-        return torch.cat(parts, dim=1)
-
-    def _pool(self, ids: torch.Tensor, offset: int, rows: int) -> torch.Tensor:
-        """ids (B, L), 0 = padding, out-of-range ids count as padding -> (B, D) mean."""
-        keep = (ids > PAD) & (ids < rows)
-        weights = keep.float() / keep.sum(dim=1, keepdim=True).clamp_min(1)
-        # embedding_bag with per-row weights: the (B, L, D) lookup is never materialised.
-        return F.embedding_bag(
-            torch.where(keep, ids, torch.zeros_like(ids)) + offset,
-            self.table.weight,
-            per_sample_weights=weights,
-            mode="sum",
-            sparse=self.table.sparse,
-        )
+            rows.append(buckets + self.hashed_offsets)
+        weights = [self.table.weight.new_ones(b, sum(r.shape[1] for r in rows))]
+        for ids, (offset, n_rows) in zip(batch.sequences, self.sequence_blocks, strict=True):
+            keep = (ids > PAD) & (ids < n_rows)  # out-of-range ids count as padding
+            rows.append(torch.where(keep, ids, torch.zeros_like(ids)) + offset)
+            mean = keep.to(weights[0].dtype) / keep.sum(dim=1, keepdim=True).clamp_min(1)
+            weights.append(mean)
+        return torch.cat(rows, dim=1), torch.cat(weights, dim=1)
 
     @staticmethod
     def _checked(tensor: torch.Tensor | None, name: str, columns: int) -> torch.Tensor:
@@ -451,11 +477,12 @@ class SparseMoE(nn.Module):
         needed[flat[routing.kept]] = True
         pair_expert, pair_token = needed.view(b, n_experts).t().nonzero(as_tuple=True)
         counts = torch.bincount(pair_expert, minlength=n_experts).tolist()
+        # One gather for all pairs, then each expert reads its contiguous slice:
+        # its backward is one scatter into a (B, F) gradient, not one per expert.
+        inputs = x.index_select(0, pair_token).split(counts)  # E × (n_e, F)
         outputs = [
-            expert(x.index_select(0, tokens))
-            for expert, tokens, n in zip(
-                self.experts, pair_token.split(counts), counts, strict=True
-            )
+            expert(tokens)
+            for expert, tokens, n in zip(self.experts, inputs, counts, strict=True)
             if n  # an expert with no tokens is not called (and gets no gradient)
         ]
         n_pairs = pair_token.numel()

@@ -127,6 +127,61 @@ def test_unknown_ids_share_the_unknown_row_and_sequences_pool_their_ids() -> Non
     assert torch.equal(out[:, 20:], torch.zeros(4, 3))
 
 
+def _per_column_lookup(
+    embedder: FeatureEmbedder, batch: FeatureBatch, table: torch.Tensor
+) -> torch.Tensor:
+    """The embedder's output computed one column at a time (a plain lookup or a masked mean)."""
+    layout, columns = embedder.layout, []
+    offsets = embedder.categorical_offsets.tolist()
+    for c, rows in enumerate(layout.categorical):
+        ids = batch.categorical[:, c]
+        known = (ids > 0) & (ids < rows)
+        columns.append(table[torch.where(known, ids, 0) + offsets[c]])
+    for h, buckets in enumerate(layout.hashed):
+        rows = hash_buckets(batch.hashed[:, h], buckets) + int(embedder.hashed_offsets[h])
+        columns.append(table[rows])
+    for ids, (offset, rows) in zip(batch.sequences, embedder.sequence_blocks, strict=True):
+        keep = ((ids > 0) & (ids < rows)).float()
+        vectors = table[torch.where(keep.bool(), ids, 0) + offset]  # (B, L, D)
+        columns.append((vectors * keep.unsqueeze(2)).sum(1) / keep.sum(1, keepdim=True).clamp(1))
+    return torch.cat([*columns, batch.numeric], dim=1)
+
+
+def test_one_bag_lookup_equals_per_column_lookups_with_one_sparse_gradient() -> None:
+    torch.manual_seed(0)
+    embedder = FeatureEmbedder(LAYOUT, 4)
+    batch = _batch(16, seed=3)
+    table = embedder.table.weight.detach().clone().requires_grad_()
+    weights = torch.randn(embedder.out_dim)
+    out = embedder(batch)
+    expected = _per_column_lookup(embedder, batch, table)
+    assert torch.allclose(out, expected, atol=1e-6)
+    (out @ weights).sum().backward()
+    (expected @ weights).sum().backward()
+    grad = embedder.table.weight.grad
+    assert grad.is_sparse  # a single sparse gradient: no sparse + sparse addition
+    assert torch.allclose(grad.to_dense(), table.grad, atol=1e-6)
+    # Lazy Adam moves the rows present in the gradient: exactly the rows looked
+    # up, padding rows of the sequences included (as with per-column lookups).
+    looked_up = {int(r) for r in torch.nonzero(table.grad.abs().sum(1)).flatten()}
+    present = set(grad.coalesce().indices()[0].tolist())
+    assert looked_up <= present
+    sequence_pads = {offset for offset, _ in embedder.sequence_blocks}
+    assert present - looked_up <= sequence_pads
+
+
+def test_layouts_without_embedded_or_numeric_columns() -> None:
+    numeric_only = FeatureEmbedder(FeatureLayout(numeric=2), 4)
+    values = torch.randn(3, 2)
+    assert torch.equal(numeric_only(FeatureBatch(numeric=values)), values)
+    sequences_only = FeatureEmbedder(FeatureLayout(sequences=(SequenceColumn(rows=5),)), 4)
+    ids = torch.tensor([[1, 2], [0, 0], [4, 0]])
+    out = sequences_only(FeatureBatch(sequences=(ids,)))
+    table = sequences_only.table.weight.detach()
+    assert out.shape == (3, 4)
+    assert torch.allclose(out[0], (table[1] + table[2]) / 2) and torch.equal(out[1], torch.zeros(4))
+
+
 def test_hash_is_the_documented_formula_and_spreads_consecutive_ids() -> None:
     raw = torch.tensor([0, 1, -1, 2**62])
     got = hash_buckets(raw, 1000)
@@ -200,6 +255,25 @@ def test_capacity_drops_overflow_in_training_and_renormalises_the_rest() -> None
     # Evaluation drops nothing: a row's score never depends on its batch.
     moe.eval()
     assert bool(moe(x).routing.kept.all())
+
+
+def test_sparse_dispatch_equals_every_expert_on_every_token() -> None:
+    """The gathered, per-expert computation against a brute-force mixture, gradients included."""
+    torch.manual_seed(0)
+    moe = _moe(in_dim=5, n_experts=4, top_k=2, capacity_factor=0.6)  # two tasks, drops
+    x = torch.randn(24, 5, requires_grad=True)
+    out = moe(x)
+    routing = out.routing
+    assert not bool(routing.kept.all())
+    every = torch.stack([expert(x) for expert in moe.experts], dim=1)  # (B, E, D)
+    chosen = every[torch.arange(24).view(1, 24, 1), routing.experts]  # (T, B, k, D)
+    expected = (chosen * routing.weights.unsqueeze(-1)).sum(dim=2)
+    assert torch.allclose(out.representations, expected, atol=1e-6)
+    probe = torch.randn_like(expected)
+    # The gates are shared by both graphs: keep them for the second pass.
+    (grad_sparse,) = torch.autograd.grad((out.representations * probe).sum(), x, retain_graph=True)
+    (grad_dense,) = torch.autograd.grad((expected * probe).sum(), x)
+    assert torch.allclose(grad_sparse, grad_dense, atol=1e-6)
 
 
 def test_aux_loss_is_one_for_uniform_gates_and_large_for_collapsed_ones() -> None:
