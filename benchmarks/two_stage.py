@@ -46,6 +46,15 @@ Protocol (:mod:`pipelines.ranker.two_stage` holds the evaluation itself):
   (``ips_ndcg``, position bias removed) and by true relevance.
 - Timings are per request, amortised over the batch of requests (one index
   search, one featurisation, one forward pass): throughput, not latency.
+
+Measured (seed 0, 684 requests): reranking lifts true NDCG@10 from 0.485 to
+0.561 (+0.076, CI [+0.061, +0.090]) and lowers click NDCG@10 from 0.426 to
+0.143. The two-tower, trained on logged clicks, learns what the logging
+policy shows: 56% of its top 10 were shown to the user that day, 19% of the
+reranker's and 24% of the oracle's, and the oracle loses on clicks too
+(-0.162). On shown items only, position-debiased clicks agree with the truth
+(reranked - retrieval IPS NDCG@10 +0.048, true +0.148; raw clicks -0.030).
+With ``--exclude-seen`` the true gain is +0.134.
 """
 
 from __future__ import annotations
