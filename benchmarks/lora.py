@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "per_seed": runs,
         "seconds": time.perf_counter() - start,
     }
-    print_table(median, args, runs[0], results["seconds"])  # type: ignore[arg-type]
+    print_table(median, args, runs, time.perf_counter() - start)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str))
@@ -290,7 +290,7 @@ WORLD_KEYS = ("seed", "n_users", "n_items", "n_days", "impressions_per_day", "dr
 
 
 def print_table(
-    median: dict[str, float], args: argparse.Namespace, first: dict[str, Any], seconds: float
+    median: dict[str, float], args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float
 ) -> None:
     print(
         f"\nconcept drift (strength {args.strength}) on day {args.drift_day}, scored on days "
@@ -300,17 +300,23 @@ def print_table(
         f"stale model: {median['pre_drift_auc']:.4f} on its own regime, "
         f"{median['stale_auc_no_drift']:.4f} on the same days had nothing changed"
     )
-    print(f"{'model':<8} {'AUC':>7} {'vs stale':>9} {'trainable':>10} {'seconds':>8}")
-    for name in MODELS:
-        trainable = {"stale": "-", "lora": f"{first['lora_params']:,}"}.get(
-            name, f"{first['full_params']:,}"
-        )
-        delta = median.get(f"{name}_minus_stale_auc", 0.0)
-        print(
-            f"{name:<8} {median[f'{name}_auc']:>7.4f} {delta:>+9.4f} {trainable:>10} "
-            f"{median[f'{name}_s']:>8.1f}"
-        )
     print(
+        f"{'model':<8} {'AUC':>7}  {'vs stale, paired: median [min, max]':<36} {'trainable':>10} {'s':>6}"
+    )
+    for name in MODELS:
+        trainable = {"stale": "-", "lora": f"{runs[0]['lora_params']:,}"}.get(
+            name, f"{runs[0]['full_params']:,}"
+        )
+        key = f"{name}_minus_stale_auc"
+        deltas = [run[key] for run in runs] if name != "stale" else [0.0]
+        paired = f"{median.get(key, 0.0):+.4f} [{min(deltas):+.4f}, {max(deltas):+.4f}]"
+        print(
+            f"{name:<8} {median[f'{name}_auc']:>7.4f}  {paired:<36} {trainable:>10} "
+            f"{median[f'{name}_s']:>6.1f}"
+        )
+    gaps = [run["lora_minus_full_auc"] for run in runs]
+    print(
+        f"LoRA - full: {median['lora_minus_full_auc']:+.4f} [{min(gaps):+.4f}, {max(gaps):+.4f}]; "
         f"LoRA trains {median['lora_param_ratio']:.1%} of the parameters in "
         f"{median['lora_s_over_full_s']:.2f}x the wall time of full fine-tuning; run {seconds:.0f} s"
     )

@@ -132,7 +132,8 @@ def window_split(frame: pl.DataFrame, window_days: int) -> tuple[pl.DataFrame, p
     if frame.height == 0:
         raise ValueError("window_split got an empty table")
     newest = frame.get_column("ts").max()
-    assert isinstance(newest, dt.datetime)
+    if not isinstance(newest, dt.datetime):
+        raise ValueError(f"window_split needs a datetime 'ts' column, got {frame.schema['ts']}")
     start_day = newest.replace(hour=0, minute=0, second=0, microsecond=0)
     start = start_day - dt.timedelta(days=window_days - 1)
     in_window = pl.col("ts") >= start

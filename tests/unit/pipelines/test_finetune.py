@@ -144,3 +144,5 @@ def test_window_split_cuts_whole_utc_days_from_the_newest() -> None:
         window_split(frame, 0)
     with pytest.raises(ValueError, match="'ts'"):
         window_split(frame.drop("ts"), 1)
+    with pytest.raises(ValueError, match="datetime 'ts'"):
+        window_split(frame.with_columns(pl.col("i").alias("ts")), 1)
