@@ -28,8 +28,6 @@ from pipelines.ranker.tuning import (
     tune_ranker,
 )
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
-
 EPOCHS = 3
 
 
@@ -126,6 +124,9 @@ def test_pareto_front_keeps_the_undominated_trials() -> None:
     assert {r.trial_id for r in pareto_front([a, b, c, d])} == {"a", "b", "d"}
 
 
+# Slow: every trial is a fresh Ray worker process (~10-20 s to start on a loaded 2-core machine).
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_search_logs_child_runs_and_returns_the_best_trial(tmp_path: Path) -> None:
     data = _data()
     settings = _settings(trials=3, asha=True)
@@ -167,6 +168,9 @@ def test_search_logs_child_runs_and_returns_the_best_trial(tmp_path: Path) -> No
     assert (artifacts / "tuning" / "auc_vs_seconds.png").stat().st_size > 1000
 
 
+# Slow: every trial is a fresh Ray worker process (~10-20 s to start on a loaded 2-core machine).
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
 def test_restore_reuses_finished_trials_and_resumes_the_interrupted_one(tmp_path: Path) -> None:
     data = _data()
     settings = _settings(trials=3, asha=False)
