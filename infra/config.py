@@ -398,6 +398,10 @@ class SearchDimension(Section):
             )
         elif self.kind == "loguniform" and self.low <= 0:
             raise ValueError(f"a loguniform dimension needs low > 0, got {self.low}")
+        elif self.kind == "int" and not (
+            float(self.low).is_integer() and float(self.high).is_integer()
+        ):
+            raise ValueError(f"an int dimension needs whole bounds, got {self.low}, {self.high}")
         return self
 
 
@@ -410,7 +414,9 @@ def _default_search_space() -> dict[str, SearchDimension]:
         "top_k": SearchDimension(kind="choice", values=(1, 2)),
         "batch_size": SearchDimension(kind="choice", values=(512, 1024, 2048)),
         "weight_decay": SearchDimension(kind="choice", values=(0.0, 1e-6, 1e-5)),
-        "finetune.lora_rank": SearchDimension(kind="choice", values=(4, 8, 16)),
+        # ``finetune.lora_rank`` is a valid key too, but a trial trains the base
+        # model without adapters: in this space it would be a dimension that
+        # changes nothing, so the default leaves it out.
     }
 
 
