@@ -45,9 +45,8 @@ from infra.config import RankerFinetuneConfig
 from models.lora import LoRALinear, Target, apply_lora, merge_lora
 from models.moe import Reranker
 from models.optimizers import SparseDenseAdam
-from models.ranking_task import RankingTask, TaskSpec
 from pipelines.ranker.data import RankerPart
-from pipelines.ranker.loop import evaluate, train_step
+from pipelines.ranker.loop import EpochState, evaluate, run_epochs, shuffled
 
 Mode = Literal["lora", "full"]
 MODES: tuple[Mode, ...] = ("lora", "full")
@@ -66,7 +65,8 @@ class FinetuneResult:
     """The tuned model (merged for LoRA), what trained, and how validation AUC moved.
 
     ``history`` has one row per epoch, epoch 0 being the model as given
-    (``train_loss`` nan): ``epoch, train_loss, valid_auc, valid_logloss, seconds``.
+    (``train_loss`` nan): ``epoch, train_loss, valid_auc, valid_gauc, valid_logloss,
+    train_s, seconds``.
     """
 
     model: Reranker
@@ -179,50 +179,38 @@ def finetune(
         for p in tuned.parameters():
             p.requires_grad_(True)
         trainable = _count(tuned.parameters())
-    main_task = tuned.config.tasks[0]
-    task = RankingTask([TaskSpec(main_task)])
     # Only parameters that require gradients reach an optimiser (frozen ones get no state).
     lr = settings.learning_rate if learning_rate is None else learning_rate
     optimizer = SparseDenseAdam(tuned, lr=lr)
     generator = torch.Generator().manual_seed(seed)
 
-    base = evaluate(tuned, valid, main_task)
-    history = [
-        {
-            "epoch": 0,
-            "train_loss": float("nan"),
-            "valid_auc": base["auc"],
-            "valid_logloss": base["logloss"],
-            "seconds": 0.0,
-        }
-    ]
-    best_auc, best_epoch = base["auc"], 0
-    best_state = copy.deepcopy(tuned.state_dict())
-    for epoch in range(1, settings.epochs + 1):
-        epoch_start = time.perf_counter()
-        order = torch.randperm(len(train), generator=generator)
-        total, batches = 0.0, 0
-        for first in range(0, len(train), batch_size):
-            index = order[first : first + batch_size]
-            loss = train_step(
-                tuned, task, optimizer, train.batch(index), {main_task: train.labels[index]}
-            )
-            total += loss.per_task[main_task]
-            batches += 1
-        report = evaluate(tuned, valid, main_task)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / batches,
-                "valid_auc": report["auc"],
-                "valid_logloss": report["logloss"],
-                "seconds": time.perf_counter() - epoch_start,
-            }
-        )
-        if report["auc"] > best_auc:
-            best_auc, best_epoch = report["auc"], epoch
-            best_state = copy.deepcopy(tuned.state_dict())
-    tuned.load_state_dict(best_state)
+    base = evaluate(tuned, valid, tuned.config.tasks[0])
+    given = {
+        "epoch": 0,
+        "train_loss": float("nan"),
+        "valid_auc": base["auc"],
+        "valid_gauc": base["gauc"],
+        "valid_logloss": base["logloss"],
+        "train_s": 0.0,
+        "seconds": 0.0,
+    }
+    # Epoch 0 is the model as given: a trained epoch must beat it to be kept.
+    # No patience: all settings.epochs run.
+    state = run_epochs(
+        tuned,
+        optimizer,
+        train,
+        valid,
+        EpochState(
+            best_epoch=0,
+            best_valid_auc=base["auc"],
+            best_weights={k: v.clone() for k, v in tuned.state_dict().items()},
+            history=[given],
+        ),
+        epochs=settings.epochs,
+        batch_size=batch_size,
+        rows_for_epoch=shuffled(len(train), generator),
+    )
 
     adapted = sum(isinstance(m, LoRALinear) for m in tuned.modules())
     if mode == "lora" and merge:
@@ -237,9 +225,9 @@ def finetune(
         trainable_parameters=trainable,
         total_parameters=_count(tuned.parameters()),
         adapted_layers=adapted,
-        history=history,
-        best_epoch=best_epoch,
-        best_valid_auc=best_auc,
+        history=state.history,
+        best_epoch=state.best_epoch or 0,
+        best_valid_auc=state.best_valid_auc,
         base_valid_auc=base["auc"],
         seconds=time.perf_counter() - start,
     )

@@ -1,16 +1,19 @@
 """The reranker training loop as plain functions.
 
-:func:`train_step` is one optimiser step (a later Ray Train per-worker
-function calls it), :func:`predict` and :func:`evaluate` score a data part,
-:func:`train_epochs` is the single-process driver: shuffled mini-batches,
-validation AUC after every epoch, early stopping that restores the best epoch.
-:func:`train_loop_per_worker` is the same loop as each Ray Train worker runs it
-(checkpoints, resume, DDP); :mod:`pipelines.ranker.trainer` is its driver.
+:func:`train_step` is one optimiser step, :func:`predict` and
+:func:`evaluate` score a data part, :func:`run_epochs` is the one epoch loop
+(mini-batches over the rows the caller draws, validation AUC after every
+epoch, early stopping, the best epoch kept) over a resumable
+:class:`EpochState`. Its callers differ only in how they start, shuffle and
+checkpoint: :func:`train_epochs` (single process, fresh model),
+:func:`train_loop_per_worker` (each Ray Train worker: rank-sharded rows,
+checkpoints, resume, DDP; :mod:`pipelines.ranker.trainer` is its driver),
+``tuning._trial`` (a Ray Tune trial) and ``finetune.finetune`` (epoch 0 = the
+model as given).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
@@ -149,8 +152,119 @@ def evaluate(
     return ctr_report(part.labels.numpy(), probabilities, users=users)
 
 
-# Called after each epoch with that epoch's history row and the model as it is
-# (Ray Tune reports from it; ASHA may then stop the trial).
+@dataclass
+class EpochState:
+    """Where an epoch loop stands; everything a checkpoint needs besides model and optimiser.
+
+    ``best_epoch`` is None until an epoch has been scored (the first scored
+    epoch is then the best even with a NaN AUC); a fine-tune starts at 0, the
+    model as given. ``seconds`` sums the epochs' training + validation time.
+    """
+
+    epoch: int = 0
+    best_epoch: int | None = None
+    best_valid_auc: float = float("nan")
+    # The best epoch's weights (only when run_epochs is asked to keep them).
+    best_weights: dict[str, torch.Tensor] | None = None
+    # Epochs since the best one.
+    stale: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def done(self, epochs: int, patience: int | None) -> bool:
+        """All ``epochs`` run, or ``patience`` epochs without a better validation AUC."""
+        return self.epoch >= epochs or (patience is not None and self.stale >= patience)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values and tensors (loads with ``torch.load(weights_only=True)``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> EpochState:
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+
+
+# Called by run_epochs after each epoch, once the state is updated, with that
+# epoch's history row, the model and the state: checkpoints and reports go
+# here (Ray Tune's ASHA may stop the trial from it). It may add keys to the row.
+StateCallback = Callable[[dict[str, Any], Reranker, EpochState], None]
+
+
+def shuffled(n: int, generator: torch.Generator) -> Callable[[int], torch.Tensor]:
+    """``rows_for_epoch`` of a single process: a fresh permutation of ``n`` rows per epoch."""
+    return lambda epoch: torch.randperm(n, generator=generator)
+
+
+def run_epochs(
+    model: Reranker,
+    optimizer: Any,
+    train: RankerPart,
+    valid: RankerPart,
+    state: EpochState,
+    *,
+    epochs: int,
+    batch_size: int,
+    rows_for_epoch: Callable[[int], torch.Tensor],
+    patience: int | None = None,
+    keep_best: bool = True,
+    on_epoch: StateCallback | None = None,
+    forward: nn.Module | None = None,
+    eval_batch_size: int = 8192,
+) -> EpochState:
+    """The reranker's one epoch loop: epochs ``state.epoch + 1 ..`` until ``state.done``.
+
+    Each epoch trains on ``train`` rows ``rows_for_epoch(epoch)`` in
+    mini-batches of ``batch_size`` (the caller owns the shuffling: a seeded
+    generator, or a permutation sharded by rank), scores ``valid`` and updates
+    ``state`` (returned, also changed in place). ``patience`` None never stops
+    early. With ``keep_best`` the best epoch's weights are kept in the state
+    and loaded back at the end. ``forward`` is what trains (a DDP wrapper of
+    ``model``); ``model`` itself is scored. Only the model's first task is
+    trained (binary, the label). Batches go to the model's device.
+    """
+    main_task = model.config.tasks[0]
+    task = RankingTask([TaskSpec(main_task)])
+    device = next(model.parameters()).device
+    trained = model if forward is None else forward
+    while not state.done(epochs, patience):
+        epoch = state.epoch + 1
+        started = time.perf_counter()
+        total, batches = 0.0, 0
+        for index in rows_for_epoch(epoch).split(batch_size):
+            batch = _to_device(train.batch(index), device)
+            targets = {main_task: train.labels[index].to(device)}
+            total += train_step(trained, task, optimizer, batch, targets).per_task[main_task]
+            batches += 1
+        train_s = time.perf_counter() - started
+        report = evaluate(model, valid, main_task, batch_size=eval_batch_size)
+        seconds = time.perf_counter() - started
+        if state.best_epoch is None or report["auc"] > state.best_valid_auc:
+            state.best_epoch, state.best_valid_auc, state.stale = epoch, report["auc"], 0
+            if keep_best:
+                state.best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            state.stale += 1
+        state.epoch = epoch
+        state.seconds += seconds
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": total / max(1, batches),
+            "valid_auc": report["auc"],
+            "valid_gauc": report["gauc"],
+            "valid_logloss": report["logloss"],
+            "train_s": train_s,
+            "seconds": seconds,
+        }
+        state.history.append(row)
+        if on_epoch is not None:
+            on_epoch(row, model, state)
+    if keep_best and state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+    return state
+
+
+# Called after each epoch of train_epochs with that epoch's history row and the
+# model as it is (benchmarks watch the run from it).
 EpochCallback = Callable[[dict[str, float], Reranker], None]
 
 
@@ -166,50 +280,29 @@ def train_epochs(
     """
     torch.manual_seed(train_config.seed)
     model = Reranker(data.layout, model_config)
-    main_task = model_config.tasks[0]
-    task = RankingTask([TaskSpec(main_task)])
     optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     generator = torch.Generator().manual_seed(train_config.seed)
-    result = TrainResult(model=model)
-    best_state: dict[str, torch.Tensor] | None = None
-    since_best = 0
     start = time.perf_counter()
-    n = len(data.train)
-    for epoch in range(1, train_config.epochs + 1):
-        epoch_start = time.perf_counter()
-        order = torch.randperm(n, generator=generator)
-        total, batches = 0.0, 0
-        for first in range(0, n, train_config.batch_size):
-            index = order[first : first + train_config.batch_size]
-            targets = {main_task: data.train.labels[index]}
-            loss = train_step(model, task, optimizer, data.train.batch(index), targets)
-            total += loss.per_task[main_task]
-            batches += 1
-        valid = evaluate(model, data.valid, main_task, batch_size=train_config.eval_batch_size)
-        result.history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / max(1, batches),
-                "valid_auc": valid["auc"],
-                "valid_logloss": valid["logloss"],
-                "seconds": time.perf_counter() - epoch_start,
-            }
-        )
-        if on_epoch is not None:
-            on_epoch(result.history[-1], model)
-        if best_state is None or valid["auc"] > result.best_valid_auc:
-            result.best_valid_auc = valid["auc"]
-            result.best_epoch = epoch
-            best_state = copy.deepcopy(model.state_dict())
-            since_best = 0
-        else:
-            since_best += 1
-            if since_best >= train_config.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result.seconds = time.perf_counter() - start
-    return result
+    state = run_epochs(
+        model,
+        optimizer,
+        data.train,
+        data.valid,
+        EpochState(),
+        epochs=train_config.epochs,
+        batch_size=train_config.batch_size,
+        rows_for_epoch=shuffled(len(data.train), generator),
+        patience=train_config.patience,
+        on_epoch=None if on_epoch is None else lambda row, m, _: on_epoch(row, m),
+        eval_batch_size=train_config.eval_batch_size,
+    )
+    return TrainResult(
+        model=model,
+        history=state.history,
+        best_epoch=state.best_epoch or 0,
+        best_valid_auc=state.best_valid_auc,
+        seconds=time.perf_counter() - start,
+    )
 
 
 CHECKPOINT_FILE = "state.pt"
@@ -233,6 +326,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     Resumes from ``ray.train.get_checkpoint()``; stops when validation AUC has
     not improved for ``patience`` epochs (every worker decides alike: all
     evaluate the same validation rows with the same synchronised weights).
+    The checkpoint holds the :class:`EpochState` fields plus ``model``,
+    ``optimizer`` and ``rng``; Ray keeps the best epoch's checkpoint, so the
+    loop keeps no best weights of its own.
     """
     import os
     import tempfile
@@ -252,75 +348,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
     model = Reranker(data.layout, model_config).to(device)
     optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
-    main_task = model_config.tasks[0]
-    task = RankingTask([TaskSpec(main_task)])
-    start_epoch, best, stale = 1, -1.0, 0
-    history: list[dict[str, Any]] = []
+    state = EpochState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best, stale = state["epoch"] + 1, state["best"], state["stale"]
-        history = state["history"]
-        torch.set_rng_state(state["rng"])
+            saved = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        state = EpochState.from_dict(saved)
     trained: nn.Module = model
     if world > 1:
         # Sparse embedding gradients all-reduce over gloo on CPU; GPUs use dense ones.
         trained = ray.train.torch.prepare_model(model, move_to_device=False)
-    for epoch in range(start_epoch, train_config.epochs + 1):
-        started = time.perf_counter()
-        rows = _worker_rows(len(data.train), epoch, settings.seed, rank, world)
-        total, batches = 0.0, 0
-        for index in rows.split(train_config.batch_size):
-            batch = data.train.batch(index)
-            batch = _to_device(batch, device)
-            targets = {main_task: data.train.labels[index].to(device)}
-            loss = train_step(trained, task, optimizer, batch, targets)
-            total += loss.per_task[main_task]
-            batches += 1
-        seconds = time.perf_counter() - started
-        valid = evaluate(model, data.valid, main_task)
-        improved = valid["auc"] > best
-        best, stale = (valid["auc"], 0) if improved else (best, stale + 1)
-        report = {
-            "epoch": epoch,
-            "train_loss": total / max(1, batches),
-            "samples_per_s": len(rows) * world / max(seconds, 1e-9),
-            "epoch_s": seconds,
-            "valid_auc": valid["auc"],
-            "valid_gauc": valid["gauc"],
-            "valid_logloss": valid["logloss"],
-            "best_valid_auc": best,
-            "stopped": stale >= train_config.patience or epoch == train_config.epochs,
-        }
-        history.append(report)
-        marker = loop_config.get("crash_marker")
-        crash = marker and epoch == loop_config.get("crash_after_epoch", 1) and rank == 0
+    n = len(data.train)
+    marker = loop_config.get("crash_marker")
+
+    def checkpoint_and_report(row: dict[str, Any], _: Reranker, state: EpochState) -> None:
+        row["samples_per_s"] = len(range(rank, n, world)) * world / max(row["train_s"], 1e-9)
+        row["epoch_s"] = row["train_s"]
+        row["best_valid_auc"] = state.best_valid_auc
+        row["stopped"] = state.done(train_config.epochs, train_config.patience)
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "best": best,
-                        "stale": stale,
-                        "rng": torch.get_rng_state(),
-                        "history": history,
-                    },
-                    Path(folder) / CHECKPOINT_FILE,
-                )
+                saved = {
+                    **state.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                }
+                torch.save(saved, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(
-                report,
+                row,
                 checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
             )
+        crash = marker and state.epoch == loop_config.get("crash_after_epoch", 1) and rank == 0
         if crash and not Path(marker).exists():
-            Path(marker).write_text(f"crashed after epoch {epoch}\n")
+            Path(marker).write_text(f"crashed after epoch {state.epoch}\n")
             os._exit(1)
-        if report["stopped"]:
-            break
+
+    run_epochs(
+        model,
+        optimizer,
+        data.train,
+        data.valid,
+        state,
+        epochs=train_config.epochs,
+        batch_size=train_config.batch_size,
+        rows_for_epoch=lambda epoch: _worker_rows(n, epoch, settings.seed, rank, world),
+        patience=train_config.patience,
+        keep_best=False,
+        on_epoch=checkpoint_and_report,
+        forward=trained,
+    )
 
 
 def _to_device(batch: FeatureBatch, device: torch.device) -> FeatureBatch:

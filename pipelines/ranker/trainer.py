@@ -136,7 +136,7 @@ def train_ranker(
         calibrator=calibrator,
         history=history,
         best_epoch=int(state["epoch"]),
-        best_valid_auc=float(state["best"]),
+        best_valid_auc=float(state["best_valid_auc"]),
         wall_s=wall,
         run_name=name,
     )

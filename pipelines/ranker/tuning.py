@@ -21,9 +21,9 @@ Choices, and why:
 - Every epoch leaves a checkpoint (model, optimiser and RNG state, and the
   best epoch's weights: small for a reranker), so a crashed trial resumes
   where it stopped (Tune retries it ``max_failures`` times) and a restored
-  search resumes its unfinished trials. ``loop.train_epochs`` always starts
-  from a fresh model, hence the short resumable epoch loop here over the
-  loop's own ``train_step``/``evaluate``.
+  search resumes its unfinished trials: the checkpoint holds the loop's
+  :class:`~pipelines.ranker.loop.EpochState`, which ``loop.run_epochs`` (the
+  one epoch loop) continues; reports and checkpoints are its ``on_epoch``.
 - Trials are logged to MLflow from the driver after the search, from each
   trial's reported rows: the trial processes need no access to the tracking
   store (a SQLite file takes one writer; a cluster's workers may not reach
@@ -60,9 +60,8 @@ from infra.config import RankerConfig, SearchDimension
 from infra.logs import get_logger
 from models.moe import Reranker
 from models.optimizers import SparseDenseAdam
-from models.ranking_task import RankingTask, TaskSpec
 from pipelines.ranker.data import RankerData
-from pipelines.ranker.loop import configs_from, evaluate, train_step
+from pipelines.ranker.loop import EpochState, configs_from, run_epochs, shuffled
 
 log = get_logger(__name__)
 
@@ -283,77 +282,56 @@ def _trial(
     settings = apply_sample(base, config)
     torch.set_num_threads(max(1, int(base.tuning.cpus_per_trial)))
     model_config, loop = configs_from(settings)
-    task_name = model_config.tasks[0]
     torch.manual_seed(loop.seed)
     model = Reranker(data.layout, model_config)
-    task = RankingTask([TaskSpec(task_name)])
     optimizer = SparseDenseAdam(model, lr=loop.lr, weight_decay=loop.weight_decay)
     generator = torch.Generator().manual_seed(loop.seed)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "best_valid_auc": -math.inf,
-        "since_best": 0,
-        "training_s": 0.0,
-        "best_model": None,
-    }
+    state = EpochState()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             saved = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
-        model.load_state_dict(saved.pop("model"))
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        generator.set_state(saved.pop("generator"))
-        torch.set_rng_state(saved.pop("torch_rng"))
-        state.update(saved)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = EpochState.from_dict(saved)
     trial_id = tune.get_context().get_trial_id()
-    order = _record_start(fault, trial_id, state["epoch"] + 1) if fault is not None else 0
+    order = _record_start(fault, trial_id, state.epoch + 1) if fault is not None else 0
 
-    n = len(data.train)
-    for epoch in range(state["epoch"] + 1, loop.epochs + 1):
-        if state["since_best"] >= loop.patience:
-            break
-        started = time.perf_counter()
-        permutation = torch.randperm(n, generator=generator)
-        total, batches = 0.0, 0
-        for first in range(0, n, loop.batch_size):
-            index = permutation[first : first + loop.batch_size]
-            targets = {task_name: data.train.labels[index]}
-            loss = train_step(model, task, optimizer, data.train.batch(index), targets)
-            total += loss.per_task[task_name]
-            batches += 1
-        valid = evaluate(model, data.valid, task_name, batch_size=loop.eval_batch_size)
-        seconds = time.perf_counter() - started
-        if valid["auc"] > state["best_valid_auc"]:
-            state.update(best_valid_auc=valid["auc"], since_best=0)
-            state["best_model"] = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            state["since_best"] += 1
-        state["epoch"] = epoch
-        state["training_s"] += seconds
+    def checkpoint_and_report(row: dict[str, Any], _: Reranker, state: EpochState) -> None:
         metrics = {
-            "epoch": epoch,
-            "train_loss": total / max(1, batches),
-            "valid_auc": valid["auc"],
-            "valid_logloss": valid["logloss"],
-            METRIC: state["best_valid_auc"],
-            "seconds": seconds,
-            "training_s": state["training_s"],
+            **row,
+            METRIC: state.best_valid_auc,
+            "training_s": state.seconds,
             "peak_memory_mb": peak_memory_mb(),
         }
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(
-                {
-                    **state,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                },
-                Path(folder) / CHECKPOINT_FILE,
-            )
+            saved = {
+                **state.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            torch.save(saved, Path(folder) / CHECKPOINT_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         if fault is not None:
-            fault.after(order, epoch, trial_id)
+            fault.after(order, state.epoch, trial_id)
+
+    run_epochs(
+        model,
+        optimizer,
+        data.train,
+        data.valid,
+        state,
+        epochs=loop.epochs,
+        batch_size=loop.batch_size,
+        rows_for_epoch=shuffled(len(data.train), generator),
+        patience=loop.patience,
+        on_epoch=checkpoint_and_report,
+        eval_batch_size=loop.eval_batch_size,
+    )
 
 
 def load_best_model(result: TuningResult, data: RankerData) -> Reranker:
@@ -362,7 +340,7 @@ def load_best_model(result: TuningResult, data: RankerData) -> Reranker:
         raise ValueError("the best trial left no checkpoint")
     saved = torch.load(result.best_checkpoint / CHECKPOINT_FILE, weights_only=True)
     model = Reranker(data.layout, configs_from(result.best)[0])
-    model.load_state_dict(saved["best_model"] or saved["model"])
+    model.load_state_dict(saved["best_weights"] or saved["model"])
     return model.eval()
 
 
