@@ -88,6 +88,20 @@ class RankerPart:
             sequences=tuple(s[index] for s in self.sequences),
         )
 
+    def sample(self, rows: int, seed: int) -> RankerPart:
+        """At most ``rows`` rows drawn without replacement (seeded), in their original order."""
+        if rows >= len(self):
+            return self
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(self), generator=generator)[:rows].sort().values
+        return RankerPart(
+            categorical=self.categorical[index],
+            numeric=self.numeric[index],
+            sequences=tuple(s[index] for s in self.sequences),
+            labels=self.labels[index],
+            users=None if self.users is None else self.users[index],
+        )
+
 
 @dataclass(frozen=True)
 class RankerData:

@@ -100,6 +100,13 @@ def run_tune_ranker(ctx: StepContext) -> StepResult:
     from pipelines.ranker.tuning import plot_pareto, tune_ranker
 
     data, _, split = ranker_inputs(ctx, settings)
+    limit = settings.tuning.max_train_rows
+    if limit is not None:
+        data = dataclasses.replace(
+            data,
+            train=data.train.sample(limit, settings.tuning.seed),
+            valid=data.valid.sample(max(1, limit // 10), settings.tuning.seed),
+        )
     ensure_ray(ctx.config.ray)
     storage = Path(ctx.workdir.local_path()) / "ray_results"
     run = mlflow.active_run()
@@ -108,6 +115,8 @@ def run_tune_ranker(ctx: StepContext) -> StepResult:
     (out / "best_config.json").write_text(result.best.model_dump_json(indent=2))
     record = {
         "split": split,
+        "train_rows": len(data.train),
+        "valid_rows": len(data.valid),
         "best_valid_auc": result.best_valid_auc,
         "best_trial_id": result.best_trial_id,
         "wall_s": result.wall_s,

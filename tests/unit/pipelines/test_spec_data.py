@@ -128,3 +128,14 @@ def test_empty_frames_encode_to_empty_parts() -> None:
     part = encode_examples(_frame().head(0), _spec())
     assert len(part) == 0 and part.numeric.shape == (0, 2)
     assert np.asarray(part.sequences[0]).shape == (0, 2)
+
+
+def test_sample_keeps_rows_whole_and_in_order() -> None:
+    part = encode_examples(pl.concat([_frame()] * 5), _spec())
+    sample = part.sample(7, seed=1)
+    assert len(sample) == 7 and sample.users is not None
+    assert sample.categorical[:, 0].tolist() == [
+        u % 10 + 1 if u >= 0 else 0 for u in sample.users.tolist()
+    ]
+    assert part.sample(7, seed=1).labels.equal(sample.labels)
+    assert part.sample(100, seed=1) is part
