@@ -363,6 +363,9 @@ def evaluate_ranker(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     if current is None:
         raise typer.Exit(1)
     summary = json.loads(current.path.join("ranker.json").read_text())
+    if "test" not in summary:
+        out.print(f"no reranker: {summary}")
+        return
     table = Table(
         title=f"reranker ({summary['kind']}), test split ({summary['split']}), "
         f"{summary['rows']['test']:,} rows"

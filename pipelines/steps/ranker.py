@@ -30,6 +30,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import polars as pl
 
 from features.dataset import read_examples
 from features.feature_spec import FeatureSpec
@@ -43,12 +44,7 @@ from pipelines.ranker.data import RankerData, RankerPart
 from pipelines.ranker.loop import configs_from, predict, train_epochs
 from pipelines.ranker.plots import plot_history, plot_reliability
 from pipelines.ranker.registry import log_reranker
-from pipelines.ranker.spec_data import (
-    SpecError,
-    encode_examples,
-    ranker_data_from_examples,
-    split_examples,
-)
+from pipelines.ranker.spec_data import encode_examples, ranker_data_from_parts, split_examples
 from pipelines.ranker.trainer import train_ranker
 from pipelines.retrieval.registry import log_training_history, metric_name, register_and_gate
 from pipelines.step import Step, StepContext, StepResult
@@ -56,15 +52,40 @@ from pipelines.step import Step, StepContext, StepResult
 TEST_KEYS = ("auc", "gauc", "logloss", "ece")
 
 
-def ranker_inputs(ctx: StepContext, settings: RankerConfig) -> tuple[RankerData, FeatureSpec, str]:
-    """The examples published by ``features``, split and encoded by their spec; the split used."""
+def unusable(parts: dict[str, pl.DataFrame], label: str, min_rows: int = 2) -> str | None:
+    """Why these parts cannot train or judge a click model (None: they can).
+
+    A part with fewer than ``min_rows`` rows or one class only gives no AUC and
+    no calibration: too little data is not bad input, so the step records it
+    and skips instead of failing the run (as retrieval trains on any size).
+    """
+    for name, part in parts.items():
+        classes = part.get_column(label).drop_nulls().n_unique() if part.height else 0
+        if part.height < min_rows or classes < 2:
+            return f"the {name} part has {part.height} rows and {classes} label class(es)"
+    return None
+
+
+def ranker_inputs(
+    ctx: StepContext, settings: RankerConfig
+) -> tuple[RankerData | None, FeatureSpec, str, str | None]:
+    """The examples published by ``features``, split and encoded by their spec; the split
+    used; the reason they cannot train a reranker (then the data is None)."""
     folder = ctx.input_path("features")
     spec = FeatureSpec.load(folder)
     frame = read_examples(folder).collect()
     # A CTR table has no time: its split can only be random.
     split = settings.split if "ts" in frame.columns else "random"
-    data = ranker_data_from_examples(frame, spec, split, settings.split_ratios, settings.seed)
-    return data, spec, split
+    train, valid, test = split_examples(frame, split, settings.split_ratios, settings.seed)
+    reason = unusable({"train": train, "valid": valid, "test": test}, spec.labels[0])
+    if reason is not None:
+        return None, spec, split, reason
+    return ranker_data_from_parts(train, valid, test, spec), spec, split, None
+
+
+def _skipped(ctx: StepContext, file: str, reason: str) -> StepResult:
+    ctx.output.join(file).write_text_atomic(json.dumps({"skipped": reason}))
+    return StepResult(extra={"skipped": reason})
 
 
 def test_report(
@@ -99,7 +120,9 @@ def run_tune_ranker(ctx: StepContext) -> StepResult:
         return StepResult(extra={"skipped": "tuning off"})
     from pipelines.ranker.tuning import plot_pareto, tune_ranker
 
-    data, _, split = ranker_inputs(ctx, settings)
+    data, _, split, reason = ranker_inputs(ctx, settings)
+    if data is None:
+        return _skipped(ctx, "tuning.json", f"too little data: {reason}")
     limit = settings.tuning.max_train_rows
     if limit is not None:
         data = dataclasses.replace(
@@ -134,7 +157,9 @@ def run_tune_ranker(ctx: StepContext) -> StepResult:
 
 def run_train_ranker(ctx: StepContext) -> StepResult:
     settings = tuned_settings(ctx)
-    data, _, split = ranker_inputs(ctx, settings)
+    data, _, split, reason = ranker_inputs(ctx, settings)
+    if data is None:
+        return _skipped(ctx, "ranker.json", f"too little data: {reason}")
     ensure_ray(ctx.config.ray)
     storage = Path(ctx.workdir.local_path()) / "ray_results"
     trained = train_ranker(data, settings, storage)
@@ -184,11 +209,10 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
 
 def run_register_ranker(ctx: StepContext) -> StepResult:
     trained = Path(ctx.input_path("train_ranker").local_path())
+    if not (trained / "model").exists():
+        return _skipped(ctx, "registered.json", "no model")
     if mlflow.active_run() is None:
-        ctx.output.join("registered.json").write_text_atomic(
-            json.dumps({"skipped": "tracking off"})
-        )
-        return StepResult(extra={"skipped": "tracking off"})
+        return _skipped(ctx, "registered.json", "tracking off")
     settings = ctx.config.models.ranker
     summary = json.loads((trained / "ranker.json").read_text())
     history = json.loads((trained / "history.json").read_text())
@@ -230,21 +254,24 @@ def run_finetune_ranker(ctx: StepContext) -> StepResult:
     from pipelines.ranker.finetune import finetune, window_split
 
     settings = tuned_settings(ctx)
+    model_folder = Path(ctx.input_path("train_ranker").local_path()) / "model"
+    if not model_folder.exists():
+        return _skipped(ctx, "finetune.json", "no model")
     folder = ctx.input_path("features")
     spec = FeatureSpec.load(folder)
     frame = read_examples(folder).collect()
     if "ts" not in frame.columns:
-        ctx.output.join("finetune.json").write_text_atomic(json.dumps({"skipped": "no time"}))
-        return StepResult(extra={"skipped": "table without time"})
+        return _skipped(ctx, "finetune.json", "a table without time has no newest window")
     _, window = window_split(frame, settings.finetune.window_days)
     # The window's first part tunes, its last part judges (validation and report).
     tune_rows, holdout, _ = split_examples(window, "temporal", (0.7, 0.3, 0.0))
-    if tune_rows.height == 0 or holdout.height == 0:
-        raise SpecError(
-            f"the newest {settings.finetune.window_days} day(s) hold too few rows to fine-tune "
-            f"({window.height})"
+    reason = unusable({"tuning": tune_rows, "holdout": holdout}, spec.labels[0])
+    if reason is not None:
+        days = settings.finetune.window_days
+        return _skipped(
+            ctx, "finetune.json", f"too little data in the newest {days} day(s): {reason}"
         )
-    base = load_reranker(Path(ctx.input_path("train_ranker").local_path()) / "model")
+    base = load_reranker(model_folder)
     tune_part = encode_examples(tune_rows, spec)
     holdout_part = encode_examples(holdout, spec)
     result = finetune(

@@ -107,6 +107,13 @@ def test_download_then_run_the_pipeline_on_it(
     summary = json.loads(published(config, "summarize").path.join("summary.json").read_text())  # type: ignore[union-attr]
     # label = rating >= 4; the ratings are 3,4,5, 4,5,1, 5,1,2 and 5: six of ten.
     assert summary["positive_rate"] == pytest.approx(0.6)
+    # Ten ratings cannot train and judge a click model: the ranker steps say so and skip.
+    ranker = json.loads(published(config, "train_ranker").path.join("ranker.json").read_text())  # type: ignore[union-attr]
+    assert ranker["skipped"].startswith("too little data: the ")
+    finetuned = json.loads(
+        published(config, "finetune_ranker").path.join("finetune.json").read_text()
+    )  # type: ignore[union-attr]
+    assert finetuned == {"skipped": "no model"}
 
 
 def test_checksum_mismatch_is_one_line_and_leaves_nothing(
@@ -157,3 +164,10 @@ def test_real_ctr_samples_run_as_generic_feature_tables(
     summary = json.loads(published(config, "summarize").path.join("summary.json").read_text())  # type: ignore[union-attr]
     assert summary["rows"] == train_rows
     assert 0.05 < summary["positive_rate"] < 0.5  # display-ads click rates
+    # The reranker trains on the table through its spec alone (no ids, no time: a random split).
+    ranker = json.loads(published(config, "train_ranker").path.join("ranker.json").read_text())  # type: ignore[union-attr]
+    assert ranker["split"] == "random" and ranker["test"]["auc"] > 0.55
+    finetuned = json.loads(
+        published(config, "finetune_ranker").path.join("finetune.json").read_text()
+    )  # type: ignore[union-attr]
+    assert finetuned == {"skipped": "a table without time has no newest window"}
