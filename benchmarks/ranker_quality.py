@@ -40,12 +40,12 @@ import time
 import torch
 
 from features.sources.ctr import apply_ctr, load_ctr
-from infra.config import CtrSourceConfig
+from infra.config import CtrSourceConfig, RankerConfig
 from models.calibration import fit_calibration
 from models.ctr_metrics import ctr_report
-from models.moe import KINDS, Reranker, RerankerConfig, active_parameters
+from models.moe import KINDS, Reranker, active_parameters
 from pipelines.ranker.data import RankerData, movielens_ctr_data
-from pipelines.ranker.loop import TrainConfig, evaluate, predict, train_epochs
+from pipelines.ranker.loop import configs_from, evaluate, predict, train_epochs
 from pipelines.ranker.spec_data import ranker_data_from_parts
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -82,20 +82,21 @@ def parameter_count(model: Reranker) -> int:
 def run_model(
     kind: str, data: RankerData, args: argparse.Namespace
 ) -> tuple[dict[str, object], Reranker]:
-    config = RerankerConfig(
-        kind=kind,  # type: ignore[arg-type]
-        tasks=("click",),
-        embedding_dim=args.embedding_dim,
-        dropout=args.dropout,
-        field_interactions=args.field_interactions and kind != "logistic",
-    )
-    train = TrainConfig(
-        epochs=args.epochs,
-        patience=args.patience,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
+    # The benchmark's flags over the platform's `models.ranker` defaults, mapped
+    # to the model and loop configs as every pipeline maps them.
+    config, train = configs_from(
+        RankerConfig(
+            kind=kind,  # type: ignore[arg-type]
+            embedding_dim=args.embedding_dim,
+            dropout=args.dropout,
+            field_interactions=args.field_interactions,
+            epochs=args.epochs,
+            patience=args.patience,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+        )
     )
     result = train_epochs(config, train, data)
     test = evaluate(result.model, data.test)

@@ -34,3 +34,11 @@ def ensure_ray(config: RayConfig) -> None:
         configure_logging=False,
     )
     log.info("ray.local", cpus=ray.cluster_resources().get("CPU"))
+
+
+def cpus_per_worker(configured: float | None, workers: int) -> float:
+    """``configured`` CPUs per training worker, or the cluster's CPUs split evenly (at least 1)."""
+    if configured is not None:
+        return configured
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(1.0, float(int(total // workers)))

@@ -70,16 +70,21 @@ def save_two_tower(model: TwoTowerModel, folder: Path) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def load_two_tower(folder: Path) -> TwoTowerModel:
-    """The model saved in ``folder`` by :func:`save_two_tower`, in eval mode."""
-    path = folder / CONFIG_FILE
+def _read_meta(path: Path, what: str) -> dict[str, Any]:
+    """The JSON beside a saved model's tensors, checked to be of this code's format."""
     if not path.exists():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE} (not a saved two-tower model)")
+        raise FileNotFoundError(f"{path.parent}: no {path.name} (not {what})")
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
         )
+    return meta
+
+
+def load_two_tower(folder: Path) -> TwoTowerModel:
+    """The model saved in ``folder`` by :func:`save_two_tower`, in eval mode."""
+    meta = _read_meta(folder / CONFIG_FILE, "a saved two-tower model")
     raw = dict(meta["config"])
     raw["hidden"] = tuple(raw["hidden"])
     config = TwoTowerConfig(**raw)
@@ -136,14 +141,7 @@ def _tuples(value: Any) -> Any:
 
 def load_reranker(folder: Path) -> SavedReranker:
     """The reranker saved in ``folder`` by :func:`save_reranker`, in eval mode."""
-    path = folder / RERANKER_CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{folder}: no {RERANKER_CONFIG_FILE} (not a saved reranker)")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-        )
+    meta = _read_meta(folder / RERANKER_CONFIG_FILE, "a saved reranker")
     config = RerankerConfig(**{k: _tuples(v) for k, v in meta["config"].items()})
     raw = meta["layout"]
     layout = FeatureLayout(

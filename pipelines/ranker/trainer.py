@@ -23,6 +23,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from infra.config import RankerConfig
+from infra.ray_runtime import cpus_per_worker
 from models.calibration import IsotonicCalibration, TemperatureScaling, fit_calibration
 from models.moe import Reranker
 from pipelines.ranker.data import RankerData
@@ -61,14 +62,6 @@ def run_name(settings: RankerConfig, data: RankerData) -> str:
     return f"ranker-{settings.kind}-{digest}"
 
 
-def cpus_per_worker(settings: RankerConfig) -> float:
-    """The configured CPUs per worker, or the cluster's CPUs split evenly (at least 1)."""
-    if settings.cpus_per_worker is not None:
-        return settings.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(1.0, float(int(total // settings.workers)))
-
-
 def train_ranker(
     data: RankerData,
     settings: RankerConfig,
@@ -83,7 +76,7 @@ def train_ranker(
     if not ray.is_initialized():
         raise RuntimeError("train_ranker needs Ray started (infra.ray_runtime.ensure_ray)")
     name = run_name(settings, data)
-    cpus = cpus_per_worker(settings)
+    cpus = cpus_per_worker(settings.cpus_per_worker, settings.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

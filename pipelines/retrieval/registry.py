@@ -90,6 +90,18 @@ class Registered:
     promoted: bool
     reason: str
 
+    def record(self, gate_metric: str, gate_value: float) -> dict[str, Any]:
+        """What a register step publishes (``registered.json``) and keeps in its manifest."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model_uri": self.model_uri,
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "gate_metric": gate_metric,
+            "gate_value": gate_value,
+        }
+
 
 def log_two_tower(model: TwoTowerModel, extra_artifacts: dict[str, Path] | None = None) -> str:
     """Log ``model`` (and e.g. the feature spec, the index folder) to the active run; its URI."""

@@ -23,6 +23,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from infra.config import RetrievalConfig
+from infra.ray_runtime import cpus_per_worker
 from models.two_tower import TwoTowerModel
 from pipelines.retrieval.data import RetrievalData
 from pipelines.retrieval.loop import build_model, load_state, train_loop_per_worker
@@ -50,14 +51,6 @@ def run_name(config: RetrievalConfig, data: RetrievalData) -> str:
         ).encode()
     ).hexdigest()[:12]
     return f"retrieval-{config.kind}-{digest}"
-
-
-def cpus_per_worker(config: RetrievalConfig) -> float:
-    """The configured CPUs per worker, or the cluster's CPUs split evenly (at least 1)."""
-    if config.cpus_per_worker is not None:
-        return config.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(1.0, float(int(total // config.workers)))
 
 
 def train_dataset(data: RetrievalData, seed: int) -> ray.data.Dataset:
@@ -95,14 +88,14 @@ def train_retrieval(
         train_loop_config={
             "config": config,
             "data": data,
-            "threads": max(1, int(cpus_per_worker(config))),
+            "threads": max(1, int(cpus_per_worker(config.cpus_per_worker, config.workers))),
             **(fault or {}),
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.use_gpu,
             resources_per_worker={
-                "CPU": cpus_per_worker(config),
+                "CPU": cpus_per_worker(config.cpus_per_worker, config.workers),
                 **({"GPU": 1} if config.use_gpu else {}),
             },
         ),

@@ -233,15 +233,7 @@ def run_register_ranker(ctx: StepContext) -> StepResult:
         registered = register_and_gate(
             uri, settings.registered_model, settings.gate_metric, gate_value
         )
-    record = {
-        "name": registered.name,
-        "version": registered.version,
-        "model_uri": registered.model_uri,
-        "promoted": registered.promoted,
-        "reason": registered.reason,
-        "gate_metric": settings.gate_metric,
-        "gate_value": gate_value,
-    }
+    record = registered.record(settings.gate_metric, gate_value)
     ctx.output.join("registered.json").write_text_atomic(json.dumps(record, indent=2))
     return StepResult(
         metrics={"ranker_promoted": float(registered.promoted)},

@@ -175,15 +175,7 @@ def run_register_retrieval(ctx: StepContext) -> StepResult:
             mlflow.log_artifact(str(plot), "plots")
         uri = log_two_tower(load_two_tower(trained / "model"), extra)
         registered = register_and_gate(uri, config.registered_model, config.gate_metric, gate_value)
-    record = {
-        "name": registered.name,
-        "version": registered.version,
-        "model_uri": registered.model_uri,
-        "promoted": registered.promoted,
-        "reason": registered.reason,
-        "gate_metric": config.gate_metric,
-        "gate_value": gate_value,
-    }
+    record = registered.record(config.gate_metric, gate_value)
     ctx.output.join("registered.json").write_text_atomic(json.dumps(record, indent=2))
     return StepResult(
         metrics={"promoted": float(registered.promoted)},
