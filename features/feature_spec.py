@@ -96,7 +96,9 @@ class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: int = 1
-    labels: tuple[str, ...] = ("label",)
+    # The click label (0/1) first; then any second-task targets (e.g. ``rating``),
+    # which later events fill: never features, null where a row has none.
+    labels: tuple[str, ...] = Field(default=("label",), min_length=1)
     features: tuple[Feature, ...]
     # True when the table's categorical columns already hold vocabulary codes
     # (index + 1, 0 = out of vocabulary), as CTR tables do; False: raw values.

@@ -137,12 +137,14 @@ ID_MAP = TableContract(
 def contract_for_spec(spec: FeatureSpec, name: str = "examples") -> TableContract:
     """The contract of a generic labelled table (Criteo/Avazu) described by ``spec``.
 
-    Labels are 0/1; categorical codes lie in ``[0, cardinality)``; numerics are
-    floats and may be null (models fill them by the spec's rule).
+    The first label (the click) is 0/1; further labels (second-task targets
+    such as a rating) are floats, null where the row has none; categorical
+    codes lie in ``[0, cardinality)``; numerics are floats and may be null
+    (models fill them by the spec's rule).
     """
-    columns = [
-        ColumnContract(label, pl.Float64(), min_value=0.0, max_value=1.0) for label in spec.labels
-    ]
+    click, *others = spec.labels
+    columns = [ColumnContract(click, pl.Float64(), min_value=0.0, max_value=1.0)]
+    columns += [ColumnContract(label, pl.Float64(), nullable=True) for label in others]
     for feature in spec.features:
         if feature.kind == FeatureKind.CATEGORICAL:
             columns.append(

@@ -31,7 +31,7 @@ from features.pit import (
 from infra.config import FeaturesConfig
 
 # Example columns carried through untouched (they are not features).
-PASSTHROUGH = ("user_id", "item_id", "ts", "label", "request_id", "propensity")
+PASSTHROUGH = ("user_id", "item_id", "ts", "label", "rating", "request_id", "propensity")
 # Smoothing strength of the category-affinity share (pseudo-positives).
 AFFINITY_STRENGTH = 5.0
 
@@ -45,16 +45,53 @@ def example_rows(events: pl.LazyFrame, impressions: bool | None = None) -> pl.La
     """The rows to learn from: impressions when the log has them, else labelled events.
 
     Click logs (the simulator, serving) label impressions with the click;
-    rating logs (MovieLens) label each rating (rating >= threshold).
+    rating logs (MovieLens) label each rating (rating >= threshold). Either
+    way the rows gain ``rating`` (Float64, null when none): the rating event
+    of the same user, item and ``request_id`` for an impression, the row's own
+    ``value`` for a rating log.
     ``impressions`` is :func:`has_impressions` of ``events`` when None; a
     partitioned build passes the whole log's answer, so a partition that
     happens to hold no impression still picks the rows the whole log would.
     """
     if impressions is None:
         impressions = has_impressions(events)
+    columns = events.collect_schema().names()
+    if "value" not in columns:
+        events = events.with_columns(pl.lit(None, pl.Float64).alias("value"))
     if impressions:
-        return events.filter(pl.col("event_type") == "impression")
-    return events.filter(pl.col("label").is_not_null())
+        shown = events.filter(pl.col("event_type") == "impression")
+        if "request_id" not in columns:
+            return shown.with_columns(pl.lit(None, pl.Float64).alias(RATING))
+        return shown.join(
+            impression_ratings(events), on=RATING_KEYS, how="left", maintain_order="left"
+        )
+    return events.filter(pl.col("label").is_not_null()).with_columns(
+        pl.col("value").cast(pl.Float64).alias(RATING)
+    )
+
+
+# The target of the reranker's second task: the rating a row's user gave its item.
+# It arrives after the row (a label, never a feature), so it only passes through.
+RATING = "rating"
+# A rating answers one impression: same user, item and slate.
+RATING_KEYS = ("user_id", "item_id", "request_id")
+
+
+def impression_ratings(events: pl.LazyFrame) -> pl.LazyFrame:
+    """``user_id, item_id, request_id, rating``: the last rating of each shown slate item.
+
+    Ratings without a ``request_id`` answer no impression and are left out.
+    """
+    return (
+        events.filter(
+            (pl.col("event_type") == "rating")
+            & pl.col("value").is_not_null()
+            & pl.col("request_id").is_not_null()
+        )
+        .sort("ts", maintain_order=True)
+        .group_by(*RATING_KEYS)
+        .agg(pl.col("value").last().cast(pl.Float64).alias(RATING))
+    )
 
 
 # The canonical order of examples (ties broken by every id): both engines sort by
@@ -328,7 +365,9 @@ def describe_frame(
                 )
             )  # fmt: skip
         # List attributes (genres, tags) wait for a multi-hot encoder in the models issue.
-    return FeatureSpec(labels=("label",), features=tuple(features))
+    # The rating is the second task's target when the frame has one (never a feature).
+    labels = ("label", RATING) if RATING in schema else ("label",)
+    return FeatureSpec(labels=labels, features=tuple(features))
 
 
 # Integer attributes with at most this many distinct values (null counts as one)

@@ -461,6 +461,33 @@ class RankerFinetuneConfig(Section):
     epochs: int = Field(default=5, ge=1)
 
 
+class SecondTaskConfig(Section):
+    """The reranker's second task: its own gate over the shared experts and its own head.
+
+    ``target`` names a label column of the examples after the click (the
+    feature spec's ``labels``): ``rating`` is filled by the rating event of the
+    same user, item and slate (the simulator, serving) or is the rating itself
+    (MovieLens). ``regression`` fits the value (mean squared error, rows with
+    a value only); ``binary`` learns ``value >= threshold`` (long engagement:
+    a dwell time of at least ``threshold`` seconds). Without enough training
+    rows with a value (``min_rows``) the reranker trains the click task alone
+    and says so in its report.
+    """
+
+    target: str = "rating"
+    kind: Literal["regression", "binary"] = "regression"
+    threshold: float | None = None
+    # Multiplier of its loss beside the click's (which is 1).
+    weight: float = Field(default=0.5, ge=0.0)
+    min_rows: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SecondTaskConfig:
+        if (self.kind == "binary") != (self.threshold is not None):
+            raise ValueError("second_task.threshold is needed by kind 'binary' and only by it")
+        return self
+
+
 class RankerConfig(Section):
     """The reranker (models.moe), its training loop, Ray Train, tuning and fine-tuning.
 
@@ -498,6 +525,8 @@ class RankerConfig(Section):
     max_failures: int = Field(default=2, ge=0)
     registered_model: str = "rayrec-ranker"
     gate_metric: str = "auc"
+    # None: the click task alone.
+    second_task: SecondTaskConfig | None = SecondTaskConfig()
     tuning: RankerTuningConfig = RankerTuningConfig()
     finetune: RankerFinetuneConfig = RankerFinetuneConfig()
 

@@ -5,6 +5,8 @@ module decides what each score means. Per task (:class:`TaskSpec`):
 
 - ``"binary"``: the score is a logit; binary cross-entropy with logits, with an
   optional ``pos_weight`` (> 1 up-weights the rare positives of a CTR log).
+  With a ``threshold`` the target is ``value >= threshold`` (long engagement:
+  a dwell time of at least so many seconds).
 - ``"regression"``: the score is the prediction itself; mean squared error.
 
 Either kind may take a mask: a rating exists only for clicked rows, so the
@@ -43,6 +45,8 @@ class TaskSpec:
     weight: float = 1.0
     # Binary only: weight of positive rows in BCE (torch's pos_weight); None = 1.
     pos_weight: float | None = None
+    # Binary only: the target is value >= threshold; None: the target is 0/1 already.
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -52,6 +56,12 @@ class TaskSpec:
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError(
                 f"weight of task {self.name!r} must be finite and >= 0, got {self.weight}"
+            )
+        if self.threshold is not None and (
+            self.kind != "binary" or not math.isfinite(self.threshold)
+        ):
+            raise ValueError(
+                f"threshold of task {self.name!r} needs a binary task and a finite value"
             )
         if self.pos_weight is not None:
             if self.kind != "binary":
@@ -132,6 +142,8 @@ class RankingTask(nn.Module):
             # A target that does not exist may be stored as NaN: replace it before
             # the loss, since 0 · NaN in the backward pass would poison the gradient.
             target = torch.where(mask, target, torch.zeros_like(target))
+        if task.threshold is not None:
+            target = (target >= task.threshold).to(score.dtype)
         if task.kind == "binary":
             pos_weight = (
                 None

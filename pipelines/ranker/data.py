@@ -68,7 +68,8 @@ class ColumnSpec:
 @dataclass(frozen=True)
 class RankerPart:
     """One split as tensors: categorical (N, C) int64, numeric (N, Nn) float32,
-    sequences one (N, L_s) int64 each, labels (N,) float32, users (N,) int64 or None.
+    sequences one (N, L_s) int64 each, labels (N,) float32, users (N,) int64 or None,
+    targets of the second tasks by name (N,) float32 each, NaN where a row has none.
     """
 
     categorical: torch.Tensor
@@ -76,6 +77,7 @@ class RankerPart:
     sequences: tuple[torch.Tensor, ...]
     labels: torch.Tensor
     users: torch.Tensor | None = None
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -100,6 +102,7 @@ class RankerPart:
             sequences=tuple(s[index] for s in self.sequences),
             labels=self.labels[index],
             users=None if self.users is None else self.users[index],
+            targets={name: target[index] for name, target in self.targets.items()},
         )
 
 

@@ -48,6 +48,9 @@ class TrainConfig:
     seed: int = 0
     # Rows per forward pass when scoring (no gradients, so larger is fine).
     eval_batch_size: int = 8192
+    # What the loss trains: the click (binary, the label) first, then any second
+    # task, whose target is ``RankerPart.targets[name]`` (see :func:`task_specs`).
+    tasks: tuple[TaskSpec, ...] = (TaskSpec("click"),)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1:
@@ -62,13 +65,36 @@ class TrainConfig:
             )
 
 
+def second_task(settings: RankerConfig, train: RankerPart | None) -> tuple[TaskSpec | None, str]:
+    """The second task's spec when ``train`` has enough rows with its target; else None and why."""
+    config = settings.second_task
+    if config is None:
+        return None, "second_task is off"
+    if train is None or config.target not in train.targets:
+        return None, f"the examples have no {config.target!r} column"
+    rows = int((~torch.isnan(train.targets[config.target])).sum())
+    if rows < config.min_rows:
+        return None, (
+            f"{rows} training rows have a {config.target!r}, fewer than min_rows={config.min_rows}"
+        )
+    spec = TaskSpec(config.target, config.kind, config.weight, threshold=config.threshold)
+    return spec, f"{rows} training rows have a {config.target!r}"
+
+
 def configs_from(
-    settings: RankerConfig, tasks: tuple[str, ...] = ("click",)
+    settings: RankerConfig, train: RankerPart | None = None
 ) -> tuple[RerankerConfig, TrainConfig]:
-    """The model and loop hyper-parameters of a ``models.ranker`` config section."""
+    """The model and loop hyper-parameters of a ``models.ranker`` config section.
+
+    The model gets a second gate and head when ``train`` (the training part)
+    holds enough of the second task's target (:func:`second_task`); without
+    ``train`` it is the click model alone.
+    """
+    extra, _ = second_task(settings, train)
+    tasks = (TaskSpec("click"),) + ((extra,) if extra is not None else ())
     model = RerankerConfig(
         kind=settings.kind,
-        tasks=tasks,
+        tasks=tuple(task.name for task in tasks),
         embedding_dim=settings.embedding_dim,
         n_experts=settings.n_experts,
         top_k=settings.top_k,
@@ -87,8 +113,68 @@ def configs_from(
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
         seed=settings.seed,
+        tasks=tasks,
     )
     return model, loop
+
+
+def new_reranker(
+    layout: Any, model_config: RerankerConfig, loop: TrainConfig, train: RankerPart
+) -> Reranker:
+    """A fresh :class:`Reranker` whose regression heads start at the training mean.
+
+    A rating head that starts at 0 spends its first thousand steps climbing to
+    ~3.5, pushing large gradients into the experts the click shares.
+    """
+    model = Reranker(layout, model_config)
+    with torch.no_grad():
+        for task in loop.tasks[1:]:
+            if task.kind == "regression" and task.name in train.targets:
+                values = train.targets[task.name]
+                mean = float(values[~torch.isnan(values)].mean())
+                model.heads[task.name].bias.fill_(mean)
+    return model
+
+
+def task_targets(
+    part: RankerPart, tasks: tuple[TaskSpec, ...], index: torch.Tensor, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Targets and masks of rows ``index`` for each task: the click label, then ``part.targets``."""
+    targets = {tasks[0].name: part.labels[index].to(device)}
+    masks: dict[str, torch.Tensor] = {}
+    for task in tasks[1:]:
+        values = part.targets[task.name][index].to(device)
+        masks[task.name] = ~torch.isnan(values)
+        targets[task.name] = values
+    return targets, masks
+
+
+@torch.no_grad()
+def task_report(model: Reranker, part: RankerPart, task: TaskSpec) -> dict[str, float]:
+    """Metrics of a second task on the rows of ``part`` that have its target.
+
+    Regression: ``rmse``, ``mae`` and ``baseline_rmse`` (always predicting the
+    part's own mean: the bar a head must clear); binary: ``auc`` and
+    ``logloss``. ``n`` rows with a target (all NaN when none).
+    """
+    values = part.targets[task.name].double().numpy()
+    present = ~np.isnan(values)
+    n = int(present.sum())
+    if n == 0:
+        return {"n": 0.0}
+    scores = predict(model, part, task.name)[present]
+    target = values[present]
+    if task.kind == "regression":
+        return {
+            "n": float(n),
+            "rmse": float(np.sqrt(np.mean((scores - target) ** 2))),
+            "mae": float(np.mean(np.abs(scores - target))),
+            "baseline_rmse": float(np.std(target)),
+        }
+    if task.threshold is not None:
+        target = (target >= task.threshold).astype(np.float64)
+    report = ctr_report(target, 1.0 / (1.0 + np.exp(-scores)))
+    return {"n": float(n), "auc": report["auc"], "logloss": report["logloss"]}
 
 
 @dataclass
@@ -108,11 +194,12 @@ def train_step(
     optimizer: Any,
     batch: Any,
     targets: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> RankingLoss:
     """One optimiser step on ``batch`` (a FeatureBatch) against ``targets[task]`` (B,)."""
     model.train()
     optimizer.zero_grad()
-    loss = task(model(batch), targets)
+    loss = task(model(batch), targets, masks)
     loss.total.backward()
     optimizer.step()
     return loss
@@ -210,6 +297,7 @@ def run_epochs(
     on_epoch: StateCallback | None = None,
     forward: nn.Module | None = None,
     eval_batch_size: int = 8192,
+    tasks: tuple[TaskSpec, ...] | None = None,
 ) -> EpochState:
     """The reranker's one epoch loop: epochs ``state.epoch + 1 ..`` until ``state.done``.
 
@@ -219,11 +307,18 @@ def run_epochs(
     ``state`` (returned, also changed in place). ``patience`` None never stops
     early. With ``keep_best`` the best epoch's weights are kept in the state
     and loaded back at the end. ``forward`` is what trains (a DDP wrapper of
-    ``model``); ``model`` itself is scored. Only the model's first task is
-    trained (binary, the label). Batches go to the model's device.
+    ``model``); ``model`` itself is scored. ``tasks`` (the loop config's) are
+    trained, the click first; None trains the model's first task alone
+    (binary, the label). Early stopping and the best epoch follow the click's
+    validation AUC; a second task's validation metrics join the history as
+    ``valid_<task>_<metric>``. Batches go to the model's device.
     """
-    main_task = model.config.tasks[0]
-    task = RankingTask([TaskSpec(main_task)])
+    tasks = tasks or (TaskSpec(model.config.tasks[0]),)
+    unknown = [t.name for t in tasks if t.name not in model.config.tasks]
+    if unknown:
+        raise ValueError(f"tasks {unknown} have no head in the model ({model.config.tasks})")
+    main_task = tasks[0].name
+    task = RankingTask(tasks)
     device = next(model.parameters()).device
     trained = model if forward is None else forward
     while not state.done(epochs, patience):
@@ -232,8 +327,8 @@ def run_epochs(
         total, batches = 0.0, 0
         for index in rows_for_epoch(epoch).split(batch_size):
             batch = _to_device(train.batch(index), device)
-            targets = {main_task: train.labels[index].to(device)}
-            total += train_step(trained, task, optimizer, batch, targets).per_task[main_task]
+            targets, masks = task_targets(train, tasks, index, device)
+            total += train_step(trained, task, optimizer, batch, targets, masks).per_task[main_task]
             batches += 1
         train_s = time.perf_counter() - started
         report = evaluate(model, valid, main_task, batch_size=eval_batch_size)
@@ -255,6 +350,10 @@ def run_epochs(
             "train_s": train_s,
             "seconds": seconds,
         }
+        for extra in tasks[1:]:
+            for key, value in task_report(model, valid, extra).items():
+                if key != "n":
+                    row[f"valid_{extra.name}_{key}"] = value
         state.history.append(row)
         if on_epoch is not None:
             on_epoch(row, model, state)
@@ -276,10 +375,10 @@ def train_epochs(
 ) -> TrainResult:
     """Train a fresh :class:`Reranker` on ``data.train``; keep the best epoch by validation AUC.
 
-    Only the first task of ``model_config.tasks`` is trained (binary, the label).
+    Trains ``train_config.tasks`` (the click alone by default).
     """
     torch.manual_seed(train_config.seed)
-    model = Reranker(data.layout, model_config)
+    model = new_reranker(data.layout, model_config, train_config, data.train)
     optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     generator = torch.Generator().manual_seed(train_config.seed)
     start = time.perf_counter()
@@ -295,6 +394,7 @@ def train_epochs(
         patience=train_config.patience,
         on_epoch=None if on_epoch is None else lambda row, m, _: on_epoch(row, m),
         eval_batch_size=train_config.eval_batch_size,
+        tasks=train_config.tasks,
     )
     return TrainResult(
         model=model,
@@ -343,10 +443,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(settings.seed)
-    model_config, train_config = configs_from(settings)
+    model_config, train_config = configs_from(settings, data.train)
     model_config = dataclasses.replace(model_config, sparse_embeddings=not settings.use_gpu)
     device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
-    model = Reranker(data.layout, model_config).to(device)
+    model = new_reranker(data.layout, model_config, train_config, data.train).to(device)
     optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     state = EpochState()
     checkpoint = ray.train.get_checkpoint()
@@ -400,6 +500,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         keep_best=False,
         on_epoch=checkpoint_and_report,
         forward=trained,
+        tasks=train_config.tasks,
     )
 
 

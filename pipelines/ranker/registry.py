@@ -34,7 +34,9 @@ _TYPES = {"int64": DataType.long, "float64": DataType.double, "string": DataType
 
 
 class RerankerPyfunc(mlflow.pyfunc.PythonModel):
-    """``predict``: a frame of the spec's feature columns -> ``probability`` (calibrated) and ``logit``."""
+    """``predict``: a frame of the spec's feature columns -> ``probability`` (calibrated),
+    ``logit`` and one column per second task, named after it, holding its head's raw
+    score (a predicted rating for a regression task, a logit for a binary one)."""
 
     def load_context(self, context: Any) -> None:
         self.saved: SavedReranker = load_reranker(Path(context.artifacts["model"]))
@@ -47,12 +49,14 @@ class RerankerPyfunc(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         frame = pl.from_pandas(model_input)
         part = encode_examples(frame, self.spec, labelled=False)
-        logits = predict(self.saved.model, part)
+        model = self.saved.model
+        logits = predict(model, part)
         calibrator = self.saved.calibrator
         probability = (
             calibrator.transform(logits) if calibrator is not None else 1 / (1 + np.exp(-logits))
         )
-        return pd.DataFrame({"probability": probability, "logit": logits})
+        extra = {task: predict(model, part, task) for task in model.config.tasks[1:]}
+        return pd.DataFrame({"probability": probability, "logit": logits, **extra})
 
 
 def _data_type(dtype: pl.DataType) -> DataType | Array:
@@ -67,9 +71,13 @@ def _data_type(dtype: pl.DataType) -> DataType | Array:
     return DataType.string
 
 
-def signature(spec: FeatureSpec, schema: Mapping[str, pl.DataType] | None = None) -> ModelSignature:
+def signature(
+    spec: FeatureSpec,
+    schema: Mapping[str, pl.DataType] | None = None,
+    extra_tasks: tuple[str, ...] = (),
+) -> ModelSignature:
     """Inputs: every spec feature, typed as the example table holds it (``schema``) or by
-    the spec's dtype; outputs: probability and logit."""
+    the spec's dtype; outputs: probability, logit and each of ``extra_tasks``."""
     columns = []
     for feature in spec.features:
         if schema is not None and feature.name in schema:
@@ -82,7 +90,7 @@ def signature(spec: FeatureSpec, schema: Mapping[str, pl.DataType] | None = None
     return ModelSignature(
         inputs=Schema(columns),
         outputs=Schema(
-            [ColSpec(DataType.double, "probability"), ColSpec(DataType.double, "logit")]
+            [ColSpec(DataType.double, name) for name in ("probability", "logit", *extra_tasks)]
         ),
     )
 
@@ -106,7 +114,7 @@ def log_reranker(
             name=name,
             python_model=RerankerPyfunc(),
             artifacts={"model": str(folder), "feature_spec": str(spec_file)},
-            signature=signature(spec, schema),
+            signature=signature(spec, schema, saved.model.config.tasks[1:]),
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 "numpy",

@@ -63,6 +63,8 @@ class SpecColumns:
     sequences: tuple[Feature, ...]
     label: str
     user: str | None
+    # Second-task targets (the spec's labels after the click) present in the table.
+    targets: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, spec: FeatureSpec, columns: Sequence[str] | None = None) -> SpecColumns:
@@ -80,7 +82,8 @@ class SpecColumns:
                     f"{owner or '(unknown owner)'!r} among the categorical features"
                 )
         user = "user_id" if columns is None or "user_id" in columns else None
-        return cls(categorical, numeric, sequences, spec.labels[0], user)
+        targets = tuple(t for t in spec.labels[1:] if columns is None or t in columns)
+        return cls(categorical, numeric, sequences, spec.labels[0], user, targets)
 
     def layout(self) -> FeatureLayout:
         names = [f.name for f in self.categorical]
@@ -205,7 +208,10 @@ def encode_examples(
 ) -> RankerPart:
     """An example table -> a :class:`RankerPart` (see the module doc for the per-kind rules).
 
-    ``labelled=False`` scores rows without a label (serving): labels are zeros.
+    ``labelled=False`` scores rows without a label (serving): labels are zeros
+    and there are no second-task targets. A target (``columns.targets``) is
+    float32 with NaN where the row has none (a rating exists only for some
+    clicks).
     """
     columns = columns or SpecColumns.of(spec, frame.columns)
     n = frame.height
@@ -240,12 +246,22 @@ def encode_examples(
         users = torch.from_numpy(
             _column(frame, columns.user).fill_null(-1).cast(pl.Int64).to_numpy().copy()
         )
+    targets = {}
+    if labelled:
+        for name in columns.targets:
+            values = _column(frame, name)
+            if not (values.dtype.is_numeric() or values.dtype == pl.Null):
+                raise SpecError(f"target column {name!r} must be numeric, got {values.dtype}")
+            targets[name] = torch.from_numpy(
+                values.cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32)
+            )
     return RankerPart(
         categorical=torch.from_numpy(categorical),
         numeric=torch.from_numpy(np.ascontiguousarray(numeric, dtype=np.float32)),
         sequences=sequences,
         labels=torch.from_numpy(label_values.copy()),
         users=users,
+        targets=targets,
     )
 
 

@@ -111,7 +111,7 @@ def train_ranker(
         raise RuntimeError("ranker training reported no checkpoint")
     with best.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
-    model_config, _ = configs_from(settings)
+    model_config, _ = configs_from(settings, data.train)
     model = Reranker(data.layout, model_config)
     model.load_state_dict(state["model"])
     model.eval()

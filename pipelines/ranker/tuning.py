@@ -61,7 +61,7 @@ from infra.logs import get_logger
 from models.moe import Reranker
 from models.optimizers import SparseDenseAdam
 from pipelines.ranker.data import RankerData
-from pipelines.ranker.loop import EpochState, configs_from, run_epochs, shuffled
+from pipelines.ranker.loop import EpochState, configs_from, new_reranker, run_epochs, shuffled
 
 log = get_logger(__name__)
 
@@ -281,9 +281,9 @@ def _trial(
     """
     settings = apply_sample(base, config)
     torch.set_num_threads(max(1, int(base.tuning.cpus_per_trial)))
-    model_config, loop = configs_from(settings)
+    model_config, loop = configs_from(settings, data.train)
     torch.manual_seed(loop.seed)
-    model = Reranker(data.layout, model_config)
+    model = new_reranker(data.layout, model_config, loop, data.train)
     optimizer = SparseDenseAdam(model, lr=loop.lr, weight_decay=loop.weight_decay)
     generator = torch.Generator().manual_seed(loop.seed)
     state = EpochState()
@@ -331,6 +331,7 @@ def _trial(
         patience=loop.patience,
         on_epoch=checkpoint_and_report,
         eval_batch_size=loop.eval_batch_size,
+        tasks=loop.tasks,
     )
 
 
@@ -339,7 +340,7 @@ def load_best_model(result: TuningResult, data: RankerData) -> Reranker:
     if result.best_checkpoint is None:
         raise ValueError("the best trial left no checkpoint")
     saved = torch.load(result.best_checkpoint / CHECKPOINT_FILE, weights_only=True)
-    model = Reranker(data.layout, configs_from(result.best)[0])
+    model = Reranker(data.layout, configs_from(result.best, data.train)[0])
     model.load_state_dict(saved["best_weights"] or saved["model"])
     return model.eval()
 

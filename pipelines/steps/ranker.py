@@ -7,9 +7,12 @@
 ``train_ranker``     the ``features`` step's examples and feature spec (and the
                      tuned config, when there is one) -> split
                      (``models.ranker.split``; random for tables without time)
-                     -> Ray Train -> calibration on validation -> test CTR
-                     metrics beside a logistic-regression baseline trained in
-                     the same run on the same rows; publishes ``model/``
+                     -> Ray Train (the click and, when the examples hold
+                     enough of its target, ``models.ranker.second_task``, e.g.
+                     the rating: its own gate and head) -> calibration on
+                     validation -> test CTR metrics beside a logistic-regression
+                     baseline trained in the same run on the same rows, and the
+                     second task's test metrics; publishes ``model/``
                      (weights + calibrator), ``ranker.json``, the per-epoch
                      history and plots.
 ``register_ranker``  the model and its feature spec to MLflow (a nested run with
@@ -41,7 +44,7 @@ from models.calibration import IsotonicCalibration, TemperatureScaling
 from models.ctr_metrics import ctr_report, expected_calibration_error
 from models.moe import Reranker
 from pipelines.ranker.data import RankerData, RankerPart
-from pipelines.ranker.loop import configs_from, predict, train_epochs
+from pipelines.ranker.loop import configs_from, predict, second_task, task_report, train_epochs
 from pipelines.ranker.plots import plot_history, plot_reliability
 from pipelines.ranker.registry import log_reranker
 from pipelines.ranker.spec_data import encode_examples, ranker_data_from_parts, split_examples
@@ -163,6 +166,7 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
     ensure_ray(ctx.config.ray)
     storage = Path(ctx.workdir.local_path()) / "ray_results"
     trained = train_ranker(data, settings, storage)
+    second, second_note = second_task(settings, data.train)
     test, reliability = test_report(trained.model, data.test, trained.calibrator)
     uncalibrated, raw_reliability = test_report(trained.model, data.test, None)
     # The baseline, measured in the same run on the same rows: logistic regression.
@@ -183,6 +187,11 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
         "best_valid_auc": trained.best_valid_auc,
         "train_s": trained.wall_s,
         "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
+        "second_task": {
+            "task": None if second is None else dataclasses.asdict(second),
+            "note": second_note,
+            "test": None if second is None else task_report(trained.model, data.test, second),
+        },
     }
     (out / "ranker.json").write_text(json.dumps(summary, indent=2, default=float))
     (out / "history.json").write_text(json.dumps(trained.history, indent=2, default=float))
@@ -194,6 +203,9 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
     metrics = {f"ranker_test_{k}": float(test[k]) for k in TEST_KEYS}
     metrics.update({f"ranker_logistic_test_{k}": float(lr_test[k]) for k in TEST_KEYS})
     metrics["ranker_test_ece_uncalibrated"] = float(uncalibrated["ece"])
+    if second is not None:
+        for key, value in summary["second_task"]["test"].items():
+            metrics[f"ranker_test_{second.name}_{key}"] = float(value)
     return StepResult(
         row_counts=summary["rows"],
         metrics=metrics,
@@ -226,6 +238,10 @@ def run_register_ranker(ctx: StepContext) -> StepResult:
         mlflow.log_metrics(
             {f"logistic_test_{k}": float(summary["logistic_test"][k]) for k in TEST_KEYS}
         )
+        second = summary.get("second_task") or {}
+        if second.get("test"):
+            name = second["task"]["name"]
+            mlflow.log_metrics({f"test_{name}_{k}": float(v) for k, v in second["test"].items()})
         for plot in (trained / "plots").glob("*.png"):
             mlflow.log_artifact(str(plot), "plots")
         schema = dict(read_examples(ctx.input_path("features")).collect_schema())

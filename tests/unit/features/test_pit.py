@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from features.aggregates import CtrPrior, aggregate_events, entity_features
 from features.pit import as_of_rows, distinct_counts_at, entity_counters_at, recent_positives_at
 from features.schemas import TS_DTYPE
-from features.training_frame import build_training_frame
+from features.training_frame import build_training_frame, example_rows
 from infra.config import FeaturesConfig
 
 START = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
@@ -133,3 +133,43 @@ def test_a_slate_does_not_see_its_own_clicks() -> None:
     assert got.get_column("impressions_total").to_list() == [0, 1, 1]
     # Smoothed CTR of the second slate: (1 click + 4 * 0.1) / (1 impression + 4).
     assert got.get_column("ctr_smoothed")[1] == (1 + 0.4) / (1 + 4)
+
+
+def test_example_rows_carry_the_rating_of_their_own_slate() -> None:
+    """A rating answers the impression of the same user, item and request, and nothing else."""
+    minute = dt.timedelta(minutes=1)
+    events = pl.DataFrame(
+        {
+            "user_id": [0, 0, 0, 0, 1],
+            "item_id": [1, 2, 1, 1, 1],
+            "ts": [START, START, START + minute, START + 2 * minute, START + 3 * minute],
+            "event_type": ["impression", "impression", "rating", "impression", "rating"],
+            "label": [1.0, 0.0, 1.0, 0.0, 0.0],
+            "value": [None, None, 4.0, None, 2.0],
+            "request_id": [7, 7, 7, 8, 7],
+        },
+        schema_overrides={"ts": TS_DTYPE, "value": pl.Float64},
+    )
+    rows = example_rows(events.lazy()).collect()
+    assert rows.get_column("event_type").to_list() == ["impression"] * 3
+    # Item 1 of slate 7 was rated 4; item 2 of it was not; slate 8 is another showing;
+    # user 1's rating of slate 7 is someone else's.
+    assert rows.get_column("rating").to_list() == [4.0, None, None]
+
+
+def test_rating_logs_rate_their_own_rows() -> None:
+    events = pl.DataFrame(
+        {
+            "user_id": [0, 1],
+            "item_id": [1, 1],
+            "ts": [START, START],
+            "event_type": ["rating", "rating"],
+            "label": [1.0, 0.0],
+            "value": [5.0, 2.0],
+        },
+        schema_overrides={"ts": TS_DTYPE},
+    )
+    assert example_rows(events.lazy()).collect().get_column("rating").to_list() == [5.0, 2.0]
+    # A log without values still gets the column, empty.
+    bare = example_rows(events.drop("value").lazy()).collect()
+    assert bare.get_column("rating").null_count() == 2

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
+from infra.config import RankerConfig, SecondTaskConfig
 from models.moe import RerankerConfig
 from pipelines.ranker.data import ColumnSpec, encode_splits, prepare_ranker_data
-from pipelines.ranker.loop import TrainConfig, evaluate, predict, train_epochs
+from pipelines.ranker.loop import (
+    TrainConfig,
+    configs_from,
+    evaluate,
+    new_reranker,
+    predict,
+    second_task,
+    task_report,
+    train_epochs,
+)
 
 SPEC = ColumnSpec(
     categorical=("user_id", "color"), numeric=("x",), sequences=("tags",), label="label"
@@ -108,3 +120,73 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     assert len(aucs) == train.epochs or len(aucs) - result.best_epoch == train.patience
     # The returned model is the best epoch's: its validation AUC is the recorded one.
     assert evaluate(result.model, data.valid)["auc"] == pytest.approx(max(aucs))
+
+
+def _with_rating(data, seed: int, share: float = 0.4):
+    """``data`` whose parts carry a ``rating`` target (1..5, rises with x) on a ``share`` of rows."""
+    rng = np.random.default_rng(seed)
+
+    def part(p):
+        x = p.numeric[:, 0].numpy()
+        rating = np.clip(np.round(3.0 + 1.2 * x + rng.normal(scale=0.3, size=x.size)), 1, 5)
+        rating[rng.random(x.size) >= share] = np.nan
+        return dataclasses.replace(
+            p, targets={"rating": torch.from_numpy(rating.astype(np.float32))}
+        )
+
+    return dataclasses.replace(
+        data, train=part(data.train), valid=part(data.valid), test=part(data.test)
+    )
+
+
+SMALL = dict(embedding_dim=4, n_experts=4, expert_hidden=(16,), expert_dim=8, epochs=6,
+             batch_size=128, learning_rate=0.01)  # fmt: skip
+
+
+def test_a_second_task_learns_its_target_on_the_rows_that_have_one() -> None:
+    data = _with_rating(prepare_ranker_data(_synthetic(3000, seed=1), SPEC, seed=0), seed=4)
+    model_config, loop = configs_from(RankerConfig(**SMALL), data.train)
+    assert model_config.tasks == ("click", "rating")
+    assert [t.kind for t in loop.tasks] == ["binary", "regression"]
+    result = train_epochs(model_config, loop, data)
+    # NaN targets of the unrated rows never reach the loss.
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+    assert "valid_rating_rmse" in result.history[-1]
+    report = task_report(result.model, data.test, loop.tasks[1])
+    assert report["n"] == int((~torch.isnan(data.test.targets["rating"])).sum())
+    assert report["rmse"] < 0.7 * report["baseline_rmse"]
+    assert evaluate(result.model, data.test)["auc"] > 0.7
+
+
+def test_a_binary_second_task_learns_value_over_its_threshold() -> None:
+    data = _with_rating(prepare_ranker_data(_synthetic(3000, seed=1), SPEC, seed=0), seed=5)
+    settings = RankerConfig(
+        **SMALL, second_task=SecondTaskConfig(kind="binary", threshold=4.0, weight=1.0)
+    )
+    model_config, loop = configs_from(settings, data.train)
+    assert loop.tasks[1].threshold == 4.0
+    result = train_epochs(model_config, loop, data)
+    assert task_report(result.model, data.test, loop.tasks[1])["auc"] > 0.8
+
+
+def test_the_second_task_is_left_out_with_a_reason() -> None:
+    data = prepare_ranker_data(_synthetic(600, seed=1), SPEC, seed=0)
+    assert second_task(RankerConfig(), data.train) == (
+        None, "the examples have no 'rating' column"
+    )  # fmt: skip
+    assert second_task(RankerConfig(second_task=None), data.train)[0] is None
+    rated = _with_rating(data, seed=0, share=0.05)
+    spec, why = second_task(RankerConfig(), rated.train)
+    assert spec is None and "fewer than min_rows=100" in why
+    # Without the training part the model is the click model alone.
+    assert configs_from(RankerConfig())[0].tasks == ("click",)
+
+
+def test_regression_heads_start_at_the_training_mean() -> None:
+    data = _with_rating(prepare_ranker_data(_synthetic(600, seed=1), SPEC, seed=0), seed=0)
+    model_config, loop = configs_from(RankerConfig(**SMALL), data.train)
+    model = new_reranker(data.layout, model_config, loop, data.train)
+    values = data.train.targets["rating"]
+    assert float(model.heads["rating"].bias.detach()) == pytest.approx(
+        float(values[~torch.isnan(values)].mean())
+    )

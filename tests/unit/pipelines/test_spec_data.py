@@ -139,3 +139,27 @@ def test_sample_keeps_rows_whole_and_in_order() -> None:
     ]
     assert part.sample(7, seed=1).labels.equal(sample.labels)
     assert part.sample(100, seed=1) is part
+
+
+def test_second_task_targets_keep_missing_values_as_nan() -> None:
+    spec = _spec().model_copy(update={"labels": ("label", "rating")})
+    frame = _frame().with_columns(
+        pl.Series("rating", [5.0, None, 2.0, None, None, 4.0], dtype=pl.Float64)
+    )
+    part = encode_examples(frame, spec)
+    rating = part.targets["rating"].numpy()
+    assert np.isnan(rating).tolist() == [False, True, False, True, True, False]
+    assert rating[[0, 2, 5]].tolist() == [5.0, 2.0, 4.0]
+    # Sampling keeps each target with its row.
+    sample = part.sample(3, seed=0)
+    assert sample.targets["rating"].shape == (3,)
+    # Serving rows have no target; a table without the column has none either.
+    assert encode_examples(frame, spec, labelled=False).targets == {}
+    assert encode_examples(_frame(), spec).targets == {}
+
+
+def test_a_non_numeric_target_is_named() -> None:
+    spec = _spec().model_copy(update={"labels": ("label", "rating")})
+    frame = _frame().with_columns(pl.lit("five").alias("rating"))
+    with pytest.raises(SpecError, match="'rating' must be numeric"):
+        encode_examples(frame, spec)
