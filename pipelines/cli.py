@@ -384,6 +384,53 @@ def evaluate_ranker(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     out.print(table)
 
 
+@evaluate_app.command("two-stage")
+def evaluate_two_stage(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """Retrieve top-N, rerank, NDCG/Recall@K of both orders on held-out requests (and the truth)."""
+    from pipelines.runner import published
+
+    config = _config(preset, sets)
+    _run(config, "evaluate_two_stage", False, track=True)
+    current = published(config, "evaluate_two_stage")
+    if current is None:
+        raise typer.Exit(1)
+    record = json.loads(current.path.join("two_stage.json").read_text())
+    if "skipped" in record:
+        out.print(f"two-stage evaluation skipped: {record['skipped']}")
+        return
+    k, n = record["K"], record["N"]
+    orders = [
+        o for o in ("retrieval", "reranked", "base_reranked", "oracle") if f"{o}_ndcg@{k}" in record
+    ]
+    columns = [
+        c
+        for c in ("ndcg", "recall", "true_ndcg", "global_true_ndcg", "exposed")
+        if f"retrieval_{c}@{k}" in record
+    ]
+    table = Table(
+        title=f"two-stage: {record['n_requests']:,} held-out requests from "
+        f"{record['held_out_from'][:19]}, N={n}, K={k}, reranker {record['reranker']}"
+    )
+    table.add_column("order")
+    for column in columns:
+        table.add_column(f"{column}@{k}", justify="right")
+    for order in orders:
+        table.add_row(order, *(f"{record[f'{order}_{column}@{k}']:.4f}" for column in columns))
+    for order in orders[1:]:
+        cells = []
+        for column in columns:
+            difference = f"{order}_minus_retrieval_{column}@{k}"
+            low, high = record[f"{difference}_ci95"]
+            cells.append(f"{record[difference]:+.3f} [{low:+.3f}, {high:+.3f}]")
+        table.add_row(f"{order} - retrieval", *cells)
+    out.print(table)
+    out.print(
+        "differences: mean over requests and its paired bootstrap 95% CI; "
+        f"candidate_recall@{n} {record[f'candidate_recall@{n}']:.4f}; "
+        f"reranked keeps {record[f'reranked_overlap@{k}']:.0%} of retrieval's top {k}"
+    )
+
+
 @config_app.command("show")
 def config_show(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """Print the fully resolved configuration as YAML."""

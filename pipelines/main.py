@@ -9,6 +9,7 @@ from pipelines.steps.materialize import MATERIALIZE
 from pipelines.steps.ranker import FINETUNE_RANKER, REGISTER_RANKER, TRAIN_RANKER, TUNE_RANKER
 from pipelines.steps.retrieval import INDEX, REGISTER_RETRIEVAL, TRAIN_RETRIEVAL
 from pipelines.steps.summarize import SUMMARIZE
+from pipelines.steps.two_stage import EVALUATE_TWO_STAGE
 from pipelines.steps.validate import VALIDATE
 
 MAIN = Pipeline(
@@ -26,6 +27,7 @@ MAIN = Pipeline(
         TRAIN_RANKER,
         REGISTER_RANKER,
         FINETUNE_RANKER,
+        EVALUATE_TWO_STAGE,
     ),
 )
 

@@ -8,7 +8,8 @@ stage adds. Per held-out request (one user at one time):
 2. :func:`candidate_frame` — every candidate featurised as of the request time
    by the offline store's own read (:func:`features.training_frame.build_training_frame`,
    point in time: only events strictly before the request), so the reranker
-   sees exactly the columns it was trained on.
+   sees exactly the columns it was trained on, plus ``retrieval_score`` (the
+   first stage's score of the candidate, for a reranker that reads it).
 3. :func:`rerank_scores` — the reranker's click logits of the candidates.
 4. :func:`two_stage_report` — each order (retrieval, reranked, oracle, any other
    scorer) judged at ``K`` against the request's clicks and against graded
@@ -85,6 +86,9 @@ from pipelines.retrieval.loop import user_vectors
 SCORING_POSITION = 0
 # Column that carries each candidate's place in its request through the featurisation.
 _SLOT = "_slot"
+# Each candidate's first-stage score, a column of the candidate frame (a numeric
+# reranker feature when the spec lists it).
+RETRIEVAL_SCORE = "retrieval_score"
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,10 @@ def candidate_frame(
     it); ``prior`` the training build's smoothing prior. Columns: those of
     :func:`build_training_frame`, ``position`` = :data:`SCORING_POSITION`,
     ``label`` = 0.0 (placeholder), ``request_id`` = the request's row in
-    ``candidates``.
+    ``candidates``, and :data:`RETRIEVAL_SCORE` (Float64) = each candidate's
+    retrieval score (``candidates.scores``): a reranker whose spec lists it as
+    a numeric feature reads the first stage's opinion; one whose spec does not
+    ignores the column.
     """
     b, n = candidates.items.shape
     if request_ts.len() != b:
@@ -175,9 +182,12 @@ def candidate_frame(
     )
     frame = build_training_frame(rows, events, users, items, config, prior)
     # The frame comes back in canonical (ts, user, request, position, item) order;
-    # (request_id, item_id) is unique per candidate, so it finds each row's slot.
+    # (request_id, item_id) is unique per candidate, so it finds each row's slot
+    # (and its retrieval score: not a column the training frame passes through).
     slots = rows.select(
         "request_id", "item_id", pl.int_range(pl.len(), dtype=pl.Int64).mod(n).alias(_SLOT)
+    ).with_columns(
+        pl.Series(RETRIEVAL_SCORE, candidates.scores.ravel(), dtype=pl.Float64),
     )
     return (
         frame.join(slots, on=["request_id", "item_id"], how="left")

@@ -72,6 +72,12 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     ranker = json.loads(published(config, "train_ranker").path.join("ranker.json").read_text())  # type: ignore[union-attr]
     assert ranker["split"] == "temporal"
     assert ranker["test"]["auc"] > 0.6 and ranker["logistic_test"]["auc"] > 0.5
+    # The simulator rates some clicks: the rating head trains on them. Tiny has a few
+    # dozen rated test rows, too few to beat the mean reliably (unit tests check learning).
+    rating = ranker["second_task"]
+    assert rating["task"]["name"] == "rating", rating["note"]
+    assert rating["test"]["n"] > 0
+    assert 0 < rating["test"]["rmse"] < 1.2 * rating["test"]["baseline_rmse"]
     ranker_registered = json.loads(
         published(config, "register_ranker").path.join("registered.json").read_text()  # type: ignore[union-attr]
     )
@@ -85,6 +91,7 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     ).collect()
     scored = scorer.predict(examples.drop("label").head(50).to_pandas())
     assert len(scored) == 50 and scored["probability"].between(0, 1).all()
+    assert scored["rating"].between(0, 6).all()
 
     capsys.readouterr()
     assert main(args) == 0

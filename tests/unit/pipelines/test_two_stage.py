@@ -16,6 +16,7 @@ from models.metrics import UserItems
 from models.moe import Reranker, RerankerConfig
 from pipelines.ranker.spec_data import SpecColumns
 from pipelines.ranker.two_stage import (
+    RETRIEVAL_SCORE,
     SCORING_POSITION,
     Candidates,
     candidate_frame,
@@ -146,7 +147,7 @@ def test_candidate_frame_is_request_major_at_the_scoring_position() -> None:
     candidates = Candidates(
         user_ids=np.array([7, 3]),
         items=np.array([[9, 2, 5], [1, 8, 0]]),
-        scores=np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]], dtype=np.float32),
+        scores=np.array([[3.0, 2.0, 1.0], [0.75, 0.5, 0.25]], dtype=np.float32),
     )
     times = pl.Series(
         [request_ts + dt.timedelta(hours=5), request_ts], dtype=pl.Datetime("us", "UTC")
@@ -158,6 +159,9 @@ def test_candidate_frame_is_request_major_at_the_scoring_position() -> None:
     assert frame.get_column("item_id").to_list() == [9, 2, 5, 1, 8, 0]
     assert frame.get_column("position").unique().to_list() == [SCORING_POSITION]
     assert frame.get_column("hour").to_list() == [5, 5, 5, 0, 0, 0]
+    # Each row carries its candidate's retrieval score, in retrieval order.
+    assert frame.schema[RETRIEVAL_SCORE] == pl.Float64
+    assert frame.get_column(RETRIEVAL_SCORE).to_list() == candidates.scores.ravel().tolist()
     # Point in time: user 7's counters at its request equal a filter of the log before it.
     before = events.filter(
         (pl.col("user_id") == 7)
