@@ -527,6 +527,10 @@ class RankerConfig(Section):
     gate_metric: str = "auc"
     # None: the click task alone.
     second_task: SecondTaskConfig | None = SecondTaskConfig()
+    # The two-tower's score of each row as an input (serving has it from Faiss).
+    # Honest only when retrieval splits by time like the reranker
+    # (models.split.kind temporal, same ratios): the step refuses otherwise.
+    retrieval_score: bool = False
     tuning: RankerTuningConfig = RankerTuningConfig()
     finetune: RankerFinetuneConfig = RankerFinetuneConfig()
 

@@ -36,10 +36,10 @@ import numpy as np
 import polars as pl
 
 from features.dataset import read_examples
-from features.feature_spec import FeatureSpec
+from features.feature_spec import SPEC_FILE, FeatureSpec
 from infra.config import RankerConfig
 from infra.ray_runtime import ensure_ray
-from models.artifacts import SavedReranker, load_reranker, save_reranker
+from models.artifacts import SavedReranker, load_reranker, load_two_tower, save_reranker
 from models.calibration import IsotonicCalibration, TemperatureScaling
 from models.ctr_metrics import ctr_report, expected_calibration_error
 from models.moe import Reranker
@@ -47,6 +47,12 @@ from pipelines.ranker.data import RankerData, RankerPart
 from pipelines.ranker.loop import configs_from, predict, second_task, task_report, train_epochs
 from pipelines.ranker.plots import plot_history, plot_reliability
 from pipelines.ranker.registry import log_reranker
+from pipelines.ranker.retrieval_feature import (
+    RETRIEVAL_SCORE,
+    retrieval_score_problem,
+    with_retrieval_feature,
+    with_retrieval_score,
+)
 from pipelines.ranker.spec_data import encode_examples, ranker_data_from_parts, split_examples
 from pipelines.ranker.trainer import train_ranker
 from pipelines.retrieval.registry import log_training_history, metric_name, register_and_gate
@@ -69,21 +75,49 @@ def unusable(parts: dict[str, pl.DataFrame], label: str, min_rows: int = 2) -> s
     return None
 
 
+def ranker_examples(
+    ctx: StepContext, settings: RankerConfig, frame: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """The examples published by ``features`` (or ``frame``), with the retrieval score
+    column when ``settings.retrieval_score`` asks for it and a two-tower was trained."""
+    if frame is None:
+        frame = read_examples(ctx.input_path("features")).collect()
+    if not settings.retrieval_score:
+        return frame
+    problem = retrieval_score_problem(ctx.config)
+    if problem is not None:
+        raise ValueError(f"models.ranker.retrieval_score: {problem}")
+    model_folder = Path(ctx.input_path("train_retrieval").local_path()) / "model"
+    if not model_folder.exists() or "user_history" not in frame.columns:
+        return frame  # a CTR table: no two-tower, no ids to score
+    model = load_two_tower(model_folder)
+    return with_retrieval_score(frame, model, ctx.config.features.history_length)
+
+
 def ranker_inputs(
     ctx: StepContext, settings: RankerConfig
 ) -> tuple[RankerData | None, FeatureSpec, str, str | None]:
-    """The examples published by ``features``, split and encoded by their spec; the split
-    used; the reason they cannot train a reranker (then the data is None)."""
-    folder = ctx.input_path("features")
-    spec = FeatureSpec.load(folder)
-    frame = read_examples(folder).collect()
+    """The examples published by ``features``, split and encoded by the ranker's spec
+    (the features' own, plus the retrieval score when it is on); the split used; the
+    reason they cannot train a reranker (then the data is None)."""
+    spec = FeatureSpec.load(ctx.input_path("features"))
+    frame = ranker_examples(ctx, settings)
     # A CTR table has no time: its split can only be random.
     split = settings.split if "ts" in frame.columns else "random"
     train, valid, test = split_examples(frame, split, settings.split_ratios, settings.seed)
     reason = unusable({"train": train, "valid": valid, "test": test}, spec.labels[0])
     if reason is not None:
         return None, spec, split, reason
+    if RETRIEVAL_SCORE in frame.columns:
+        spec = with_retrieval_feature(spec, train)
     return ranker_data_from_parts(train, valid, test, spec), spec, split, None
+
+
+def ranker_spec(ctx: StepContext, model_folder: Path) -> FeatureSpec:
+    """The spec the trained reranker reads: saved beside it, else the features' own."""
+    if (model_folder / SPEC_FILE).exists():
+        return FeatureSpec.model_validate_json((model_folder / SPEC_FILE).read_text())
+    return FeatureSpec.load(ctx.input_path("features"))
 
 
 def _skipped(ctx: StepContext, file: str, reason: str) -> StepResult:
@@ -160,7 +194,7 @@ def run_tune_ranker(ctx: StepContext) -> StepResult:
 
 def run_train_ranker(ctx: StepContext) -> StepResult:
     settings = tuned_settings(ctx)
-    data, _, split, reason = ranker_inputs(ctx, settings)
+    data, spec, split, reason = ranker_inputs(ctx, settings)
     if data is None:
         return _skipped(ctx, "ranker.json", f"too little data: {reason}")
     ensure_ray(ctx.config.ray)
@@ -176,9 +210,11 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
 
     out = Path(ctx.output.local_path())
     save_reranker(trained.model, out / "model", trained.calibrator)
+    (out / "model" / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
     summary = {
         "kind": settings.kind,
         "split": split,
+        "retrieval_score": RETRIEVAL_SCORE in spec.names,
         "test": test,
         "test_uncalibrated": uncalibrated,
         "logistic_test": lr_test,
@@ -229,7 +265,7 @@ def run_register_ranker(ctx: StepContext) -> StepResult:
     summary = json.loads((trained / "ranker.json").read_text())
     history = json.loads((trained / "history.json").read_text())
     gate_value = float(summary["test"][settings.gate_metric])
-    spec = FeatureSpec.load(ctx.input_path("features"))
+    spec = ranker_spec(ctx, trained / "model")
     saved: SavedReranker = load_reranker(trained / "model")
     with mlflow.start_run(run_name="ranker_model", nested=True):
         mlflow.log_dict(ctx.config.model_dump(mode="json"), "config.json")
@@ -245,6 +281,8 @@ def run_register_ranker(ctx: StepContext) -> StepResult:
         for plot in (trained / "plots").glob("*.png"):
             mlflow.log_artifact(str(plot), "plots")
         schema = dict(read_examples(ctx.input_path("features")).collect_schema())
+        if RETRIEVAL_SCORE in spec.names:
+            schema[RETRIEVAL_SCORE] = pl.Float64()
         uri = log_reranker(saved, spec, schema)
         registered = register_and_gate(
             uri, settings.registered_model, settings.gate_metric, gate_value
@@ -265,12 +303,13 @@ def run_finetune_ranker(ctx: StepContext) -> StepResult:
     model_folder = Path(ctx.input_path("train_ranker").local_path()) / "model"
     if not model_folder.exists():
         return _skipped(ctx, "finetune.json", "no model")
-    folder = ctx.input_path("features")
-    spec = FeatureSpec.load(folder)
-    frame = read_examples(folder).collect()
+    spec = ranker_spec(ctx, model_folder)
+    frame = read_examples(ctx.input_path("features")).collect()
     if "ts" not in frame.columns:
         return _skipped(ctx, "finetune.json", "a table without time has no newest window")
     _, window = window_split(frame, settings.finetune.window_days)
+    if RETRIEVAL_SCORE in spec.names:
+        window = ranker_examples(ctx, settings, window)
     # The window's first part tunes, its last part judges (validation and report).
     tune_rows, holdout, _ = split_examples(window, "temporal", (0.7, 0.3, 0.0))
     reason = unusable({"tuning": tune_rows, "holdout": holdout}, spec.labels[0])
@@ -338,8 +377,8 @@ TUNE_RANKER = Step(
     name="tune_ranker",
     run=run_tune_ranker,
     description="Ray Tune (ASHA + Optuna TPE) over the reranker's search space; off unless enabled",
-    inputs=("features",),
-    config_keys=("models.ranker",),
+    inputs=("features", "train_retrieval"),
+    config_keys=("models.ranker", "models.split", "features.history_length"),
     code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
 )
 
@@ -347,8 +386,8 @@ TRAIN_RANKER = Step(
     name="train_ranker",
     run=run_train_ranker,
     description="MoE reranker on Ray Train over the feature spec's examples, calibrated, against LR",
-    inputs=("features", "tune_ranker"),
-    config_keys=("models.ranker",),
+    inputs=("features", "tune_ranker", "train_retrieval"),
+    config_keys=("models.ranker", "models.split", "features.history_length"),
     code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
 )
 
@@ -365,7 +404,7 @@ FINETUNE_RANKER = Step(
     name="finetune_ranker",
     run=run_finetune_ranker,
     description="LoRA fine-tune of the trained reranker on the newest window, judged on its end",
-    inputs=("train_ranker", "features", "tune_ranker"),
-    config_keys=("models.ranker",),
+    inputs=("train_ranker", "features", "tune_ranker", "train_retrieval"),
+    config_keys=("models.ranker", "models.split", "features.history_length"),
     code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
 )
