@@ -118,6 +118,20 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     printed = capsys.readouterr().out
     assert "window 2 day(s): AUC" in printed
 
+    # Two-stage evaluation ran last, judged against the simulator's truth, logged to MLflow.
+    two_stage = json.loads(
+        published(config, "evaluate_two_stage").path.join("two_stage.json").read_text()  # type: ignore[union-attr]
+    )
+    assert "skipped" not in two_stage, two_stage
+    assert two_stage["ground_truth"] and two_stage["n_requests"] > 0
+    assert 0 <= two_stage["reranked_ndcg@10"] <= 1 and 0 <= two_stage["oracle_ndcg@10"] <= 1
+    two_stage_run = next(c for c in children if c.info.run_name == "evaluate_two_stage")
+    assert two_stage_run.data.metrics["two_stage_reranked_ndcg_at_10"] == pytest.approx(
+        two_stage["reranked_ndcg@10"]
+    )
+    assert main(["evaluate", "two-stage", *args[1:]]) == 0
+    assert "candidate_recall@100" in capsys.readouterr().out
+
 
 def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
     workdir: Path, capsys: pytest.CaptureFixture[str]
