@@ -175,3 +175,7 @@ def test_real_ctr_samples_run_as_generic_feature_tables(
         published(config, "finetune_ranker").path.join("finetune.json").read_text()
     )  # type: ignore[union-attr]
     assert finetuned == {"skipped": "a table without time has no newest window"}
+    two_stage = json.loads(
+        published(config, "evaluate_two_stage").path.join("two_stage.json").read_text()  # type: ignore[union-attr]
+    )
+    assert two_stage == {"skipped": "a CTR table has no users and items to retrieve for"}

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from features.aggregates import CtrPrior
+from features.dataset import read_events, read_table
 from infra.config import RayrecConfig, load_config
 from infra.publish import Published
 from infra.storage import StoragePath
+from models.artifacts import load_two_tower
+from models.index import load_index
 from pipelines.main import MAIN
+from pipelines.ranker.retrieval_feature import RETRIEVAL_SCORE, retrieval_scores
+from pipelines.ranker.two_stage import candidate_frame, retrieve
 from pipelines.runner import published, run_pipeline
 from pipelines.step import StepContext
 from pipelines.steps import two_stage
-from pipelines.steps.two_stage import EVALUATE_TWO_STAGE, MIN_REQUESTS, K, run_evaluate_two_stage
+from pipelines.steps.retrieval import positives
+from pipelines.steps.two_stage import (
+    EVALUATE_TWO_STAGE,
+    MIN_REQUESTS,
+    K,
+    held_out_requests,
+    run_evaluate_two_stage,
+    user_histories,
+)
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
@@ -81,6 +97,44 @@ def test_retrieval_and_reranked_orders_are_judged_on_held_out_requests(
     # The manifest carries the metrics the runner logs to MLflow.
     assert current.manifest["metrics"]["two_stage_reranked_ndcg_at_10"] == pytest.approx(
         record[f"reranked_ndcg@{K}"]
+    )
+
+
+def test_candidates_carry_the_retrieval_score_the_reranker_feature_is_trained_on(
+    tiny_run: RayrecConfig,
+) -> None:
+    """The index's score of a candidate = the two-tower score of its featurised row
+    (:func:`retrieval_scores`, what ``models.ranker.retrieval_score`` trains on)."""
+    data = published(tiny_run, "validate").path  # type: ignore[union-attr]
+    features = published(tiny_run, "features").path  # type: ignore[union-attr]
+    record = json.loads(
+        published(tiny_run, EVALUATE_TWO_STAGE.name).path.join("two_stage.json").read_text()  # type: ignore[union-attr]
+    )
+    events = read_events(data).collect()
+    items = read_table(data.join("items.parquet"))
+    clicks = positives(events.lazy())
+    start = dt.datetime.fromisoformat(record["held_out_from"])
+    held = held_out_requests(events, clicks, clicks.head(0), items, start)
+    model = load_two_tower(published(tiny_run, "train_retrieval").path.local_path() / "model")  # type: ignore[union-attr]
+    index = load_index(published(tiny_run, "index").path.local_path() / "index")  # type: ignore[union-attr]
+    length = tiny_run.features.history_length
+    history, users = user_histories(events.lazy(), held.requests, length, model.config.n_items)
+    candidates = retrieve(model, history, users, index, 20, held.exclude)
+    prior = json.loads(features.join("prior.json").read_text())
+    frame = candidate_frame(
+        candidates,
+        held.requests.get_column("ts"),
+        events.lazy(),
+        read_table(data.join("users.parquet")),
+        items,
+        tiny_run.features,
+        CtrPrior(prior["rate"], prior["strength"]),
+    )
+    np.testing.assert_allclose(
+        frame.get_column(RETRIEVAL_SCORE).to_numpy(),
+        retrieval_scores(model, frame, length),
+        rtol=0,
+        atol=1e-5,
     )
 
 
