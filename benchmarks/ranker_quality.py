@@ -19,9 +19,53 @@ then temperature-scaled on validation (:func:`models.calibration.fit_calibration
 ``moe_ece_uncalibrated`` the ECE before. Published reference (logistic
 regression, ML-100K): AUC 0.7765. Bar: MoE test AUC >= 0.79.
 
-Defaults (embedding 16, lr 3e-3, no weight decay, no dropout, batch 1024,
-patience 2) were chosen on validation AUC with seed 0, not on test; the
-sweep's spread between reasonable settings was about ±0.002 AUC.
+ML-100K defaults (``ML100K_DEFAULTS``; every flag overrides them): embedding
+32, experts without hidden layers (each one linear map to 64 + ReLU), 8
+experts with top-6 routing, the FM pairwise term on (dense too; never for
+logistic regression), lr 3e-3, batch 1024, patience 2, no weight decay or
+dropout. Chosen on the MEAN VALIDATION AUC over seeds 0, 1, 2 (three splits),
+never on test, from about 40 runs (``--threads 1``, seconds on a loaded
+2-core box):
+
+    config (moe)                                   valid s0/s1/s2 (mean)        test s0/s1/s2 (mean)
+    old defaults (emb 16, hidden 128, top-2)       .7930/.7799/.7928 (.7886)    .7803/.7875/.7863 (.7847)
+    + linear experts + FM                          .7947/.7816/.7903 (.7889)    .7827/.7865/.7893 (.7862)
+    + linear experts + FM + top-4                  .7944/.7840/.7970 (.7918)    .7868/.7886/.7893 (.7882)
+    + ... + top-4 + embedding 32                   .7955/.7862/.7959 (.7925)    .7855/.7917/.7950 (.7907)
+    + ... + top-6 + embedding 32  (the default)    .7961/.7878/.7992 (.7944)    .7848/.7929/.7958 (.7912)
+    + ... + top-8 + embedding 32                   .7951/.7866/.8002 (.7940)    .7871/.7934/.7951 (.7919)
+    + ... + top-6 + embedding 32, lr 2e-3, pat. 3  .7959/.7855/.7993 (.7936)    .7853/.7920/.7977 (.7917)
+
+No change of encoding helped on validation (seed 0, MoE): RecBole's exact
+fields (age and year as tokens only, timestamp as one number) .7899; + week
+or day of the timestamp as a token .7866-.7917; age in 5-year bands and
+pre-1960 years by decade .7920; against .7930 for the encoding used here.
+Neither did L2 on the looked-up embedding rows (1e-4..1e-2: .7908-.7933),
+AdamW decay on dense embeddings (.7863-.7926), dropout 0.2 (.7923), batch
+256/512/2048 (.7907-.7929), lr 1e-3 (.7928), 4 or 16 experts (.7915, .7931),
+hidden (256, 128) (.7927), no gate noise (.7903), no load-balancing (.7927).
+
+Measured with these defaults (``--threads 1 --seed S``; test AUC, valid AUC
+in brackets; the MoE's AUC is the same after temperature scaling):
+
+    seed   lr               dense            moe              moe - dense
+    0      .7710 (.7829)    .7849 (.7951)    .7848 (.7961)    -.0001
+    1      .7763 (.7725)    .7908 (.7842)    .7929 (.7878)    +.0021
+    2      .7856 (.7801)    .7927 (.7941)    .7958 (.7992)    +.0031
+    mean   .7776            .7895            .7912            +.0017
+
+The dense baseline takes the same embedding, FM term and active-parameter
+budget, so it gains too (seed 0 .7833 -> .7849). Noise: three training seeds
+on split 0 gave valid .7924-.7930 (old defaults), the split moves test AUC
+far more (MoE .7848-.7958). Seed 0's test part is the hardest of the three
+for every model (its valid AUC runs about .011 above its test AUC): logistic
+regression averages .7776 over seeds 0-2, matching the published 0.7765, so
+our encoding loses nothing measurable. The seed-0 MoE test AUC (.7848) stays
+below the 0.79 bar with every configuration tried; seeds 1 and 2 pass it and
+the 3-seed mean is .7912.
+
+Criteo/Avazu samples keep the platform's ``models.ranker`` defaults (no
+ML-100K tuning on them).
 """
 
 from __future__ import annotations
@@ -52,6 +96,25 @@ DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 SUPPORTED = ("ml-100k", "criteo-sample", "avazu-sample")
 PUBLISHED_LR_AUC = 0.7765
 BAR_MOE_AUC = 0.79
+# The ML-100K defaults, chosen on mean validation AUC over seeds 0-2 (module
+# doc), pinned in full so the figures there do not drift with the platform's
+# defaults; other datasets take the platform's models.ranker defaults.
+ML100K_DEFAULTS: dict[str, object] = {
+    "embedding_dim": 32,
+    "expert_hidden": (),
+    "expert_dim": 64,
+    "n_experts": 8,
+    "top_k": 6,
+    "field_interactions": True,
+    "dropout": 0.0,
+    "epochs": 20,
+    "patience": 2,
+    "batch_size": 1024,
+    "lr": 3e-3,
+    "weight_decay": 0.0,
+}
+# Benchmark flags named differently from their models.ranker field.
+FIELD_OF_FLAG = {"lr": "learning_rate"}
 # Short names in the JSON keys (lr_auc, dense_auc, moe_auc).
 PREFIX = {"logistic": "lr", "dense": "dense", "moe": "moe"}
 
@@ -88,6 +151,10 @@ def run_model(
         RankerConfig(
             kind=kind,  # type: ignore[arg-type]
             embedding_dim=args.embedding_dim,
+            n_experts=args.n_experts,
+            top_k=args.top_k,
+            expert_hidden=args.expert_hidden,
+            expert_dim=args.expert_dim,
             dropout=args.dropout,
             field_interactions=args.field_interactions,
             epochs=args.epochs,
@@ -122,25 +189,39 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--data-dir", type=Path, default=None, help="default: shared/datasets/NAME")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--patience", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    # Unset flags take the dataset's defaults: ML100K_DEFAULTS, else the platform's models.ranker.
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--patience", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float)
     parser.add_argument(
         "--field-interactions",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="FM pairwise term beside the dense and MoE bodies",
     )
-    parser.add_argument("--embedding-dim", type=int, default=16)
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--embedding-dim", type=int)
+    parser.add_argument("--n-experts", type=int)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument(
+        "--expert-hidden",
+        type=lambda text: tuple(int(w) for w in text.split(",") if w.strip()),
+        help="hidden widths of each expert, comma-separated; '' = none",
+    )
+    parser.add_argument("--expert-dim", type=int)
+    parser.add_argument("--dropout", type=float)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.dataset not in SUPPORTED:
         parser.error(
             f"--dataset {args.dataset!r} is not supported; supported: {', '.join(SUPPORTED)}"
         )
+    platform = RankerConfig()
+    dataset_defaults = ML100K_DEFAULTS if args.dataset == "ml-100k" else {}
+    for name in ML100K_DEFAULTS:
+        if getattr(args, name) is None:
+            fallback = getattr(platform, FIELD_OF_FLAG.get(name, name))
+            setattr(args, name, dataset_defaults.get(name, fallback))
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     folder = args.data_dir or DATASETS / args.dataset
@@ -198,7 +279,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "lr",
             "weight_decay",
             "embedding_dim",
+            "n_experts",
+            "top_k",
+            "expert_hidden",
+            "expert_dim",
+            "field_interactions",
             "dropout",
+            "threads",
         )
     }
     results["history"] = {PREFIX[k]: row["history"] for k, row in rows.items()}
