@@ -45,8 +45,26 @@ AdamW decay on dense embeddings (.7863-.7926), dropout 0.2 (.7923), batch
 256/512/2048 (.7907-.7929), lr 1e-3 (.7928), 4 or 16 experts (.7915, .7931),
 hidden (256, 128) (.7927), no gate noise (.7903), no load-balancing (.7927).
 
-Measured with these defaults (``--threads 1 --seed S``; test AUC, valid AUC
-in brackets; the MoE's AUC is the same after temperature scaling):
+Second task (the default on ML-100K, ``--second-task rating``): the dense and
+MoE models also regress the 1-5 rating that the label thresholds, with their
+own gate and head (MMoE; loss weight 0.5, ``models.ranker.second_task``);
+logistic regression stays click-only, the published baseline. The rating is a
+training target of the training rows only, never an input, so the features
+and the protocol are the published ones. It lifts validation AUC on every
+seed (MoE mean .7944 -> .7998; weight 1.0 on seed 0: valid .8016, test
+.7917) and test with it:
+
+    seed   lr               dense            moe              moe - dense
+    0      .7710 (.7829)    .7899 (.7992)    .7924 (.8017)    +.0025
+    1      .7763 (.7725)    .7978 (.7917)    .7945 (.7927)    -.0033
+    2      .7856 (.7801)    .7962 (.7993)    .7995 (.8050)    +.0033
+    mean   .7776            .7946            .7955            +.0008
+
+The MoE meets the 0.79 bar on every seed with it. Click only
+(``--second-task none``), the figures below.
+
+Measured click only (``--threads 1 --seed S --second-task none``; test AUC,
+valid AUC in brackets; the MoE's AUC is the same after temperature scaling):
 
     seed   lr               dense            moe              moe - dense
     0      .7710 (.7829)    .7849 (.7951)    .7848 (.7961)    -.0001
@@ -84,7 +102,7 @@ import time
 import torch
 
 from features.sources.ctr import apply_ctr, load_ctr
-from infra.config import CtrSourceConfig, RankerConfig
+from infra.config import CtrSourceConfig, RankerConfig, SecondTaskConfig
 from models.calibration import fit_calibration
 from models.ctr_metrics import ctr_report
 from models.moe import KINDS, Reranker, active_parameters
@@ -163,7 +181,14 @@ def run_model(
             learning_rate=args.lr,
             weight_decay=args.weight_decay,
             seed=args.seed,
-        )
+            # Logistic regression stays the published click-only baseline.
+            second_task=(
+                SecondTaskConfig(weight=args.second_task_weight)
+                if args.second_task == "rating" and kind != "logistic"
+                else None
+            ),
+        ),
+        data.train,
     )
     result = train_epochs(config, train, data)
     test = evaluate(result.model, data.test)
@@ -210,6 +235,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     )
     parser.add_argument("--expert-dim", type=int)
     parser.add_argument("--dropout", type=float)
+    parser.add_argument(
+        "--second-task",
+        choices=("none", "rating"),
+        help="rating: the dense and MoE models also regress the 1-5 rating (own gate and "
+        "head); default rating on ml-100k, none on the CTR samples (they have no rating)",
+    )
+    parser.add_argument("--second-task-weight", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.dataset not in SUPPORTED:
@@ -222,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if getattr(args, name) is None:
             fallback = getattr(platform, FIELD_OF_FLAG.get(name, name))
             setattr(args, name, dataset_defaults.get(name, fallback))
+    if args.second_task is None:
+        args.second_task = "rating" if args.dataset == "ml-100k" else "none"
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     folder = args.data_dir or DATASETS / args.dataset
@@ -285,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "expert_dim",
             "field_interactions",
             "dropout",
+            "second_task",
+            "second_task_weight",
             "threads",
         )
     }

@@ -52,6 +52,8 @@ class ColumnSpec:
     # Grouping column for GAUC (raw values, not encoded); None = no GAUC.
     user: str | None = "user_id"
     max_sequence_length: int = MAX_SEQUENCE_LENGTH
+    # Second-task targets (e.g. the 1-5 rating), never features: RankerPart.targets.
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = [*self.categorical, *self.numeric, *self.sequences]
@@ -61,6 +63,8 @@ class ColumnSpec:
             raise ValueError(f"feature columns must be distinct, got {names}")
         if self.label in names:
             raise ValueError(f"the label {self.label!r} cannot also be a feature")
+        if set(self.targets) & {*names, self.label}:
+            raise ValueError(f"targets {self.targets} cannot also be features or the label")
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
 
@@ -202,12 +206,19 @@ def encode_splits(
         users = None
         if spec.user is not None:
             users = torch.from_numpy(frame.get_column(spec.user).to_numpy().astype(np.int64))
+        targets = {
+            name: torch.from_numpy(
+                frame.get_column(name).cast(pl.Float32).fill_null(float("nan")).to_numpy().copy()
+            )
+            for name in spec.targets
+        }
         return RankerPart(
             categorical=torch.from_numpy(categorical),
             numeric=torch.from_numpy(numeric),
             sequences=sequences,
             labels=torch.from_numpy(labels.copy()),
             users=users,
+            targets=targets,
         )
 
     layout = FeatureLayout(
@@ -261,6 +272,8 @@ MOVIELENS_SPEC = ColumnSpec(
     sequences=("genres",),
     label="label",
     user="user_id",
+    # The 1-5 rating the label thresholds: the second task's target (MMoE), never an input.
+    targets=("rating",),
 )  # fmt: skip
 
 
@@ -273,6 +286,7 @@ def movielens_ctr_frames(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.D
         "user_id",
         "item_id",
         "label",
+        pl.col("value").cast(pl.Float64).alias("rating"),
         ts.cast(pl.Float64).alias("ts_seconds"),
         when.dt.hour().alias("hour"),
         when.dt.weekday().alias("weekday"),

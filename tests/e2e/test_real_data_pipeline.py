@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from features.dataset import read_examples
+from features.feature_spec import FeatureSpec
 from infra.config import load_config
 from pipelines.cli import main
 from pipelines.runner import published
@@ -148,6 +150,13 @@ def test_real_movielens_100k_runs_through_validate_and_summarize(
     assert summary["active_users"] == 943 and summary["active_items"] == 1_682
     # 55,375 of the 100,000 ratings are 4 or 5 (the published CTR-style label).
     assert summary["positive_rate"] == pytest.approx(0.55375)
+    # Every example carries its 1-5 rating, the reranker's second target (never a feature).
+    features = published(config, "features").path  # type: ignore[union-attr]
+    spec = FeatureSpec.load(features)
+    assert spec.labels == ("label", "rating") and "rating" not in spec.names
+    rated = read_examples(features).select("label", "rating").collect()
+    assert rated.get_column("rating").null_count() == 0
+    assert ((rated.get_column("rating") >= 4) == (rated.get_column("label") == 1)).all()
 
 
 @pytest.mark.parametrize(
