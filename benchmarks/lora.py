@@ -63,10 +63,11 @@ from features.simulator import ClickLogSimulator
 from features.training_frame import describe_frame
 from infra.config import DriftEventConfig, FeaturesConfig, SimulatorConfig, load_config
 from models.moe import Reranker
-from pipelines.ranker.data import RankerData, RankerPart
+from pipelines.ranker.data import RankerData
 from pipelines.ranker.finetune import finetune, window_split
 from pipelines.ranker.loop import configs_from, evaluate, train_epochs
-from pipelines.ranker.spec_data import SpecColumns, encode_examples, split_examples
+from pipelines.ranker.spec_data import column_spec, split_examples
+from serving.encoding import RankerPart, SpecColumns, encode_examples
 
 MODELS = ("stale", "lora", "full", "scratch", "retrain")
 
@@ -148,7 +149,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     def data(train: pl.DataFrame, valid: pl.DataFrame) -> RankerData:
         return RankerData(
             layout=columns.layout(),
-            spec=columns.column_spec(),
+            spec=column_spec(columns),
             train=encode(train),
             valid=encode(valid),
             test=test_part,

@@ -107,8 +107,9 @@ from models.calibration import fit_calibration
 from models.ctr_metrics import ctr_report
 from models.moe import KINDS, Reranker, active_parameters
 from pipelines.ranker.data import RankerData, movielens_ctr_data
-from pipelines.ranker.loop import configs_from, evaluate, predict, train_epochs
+from pipelines.ranker.loop import configs_from, evaluate, train_epochs
 from pipelines.ranker.spec_data import ranker_data_from_parts
+from serving.scoring import predict
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 SUPPORTED = ("ml-100k", "criteo-sample", "avazu-sample")

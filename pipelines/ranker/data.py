@@ -30,7 +30,8 @@ import polars as pl
 import torch
 
 from features.sources.movielens import read_movielens
-from models.moe import PAD, FeatureBatch, FeatureLayout, SequenceColumn
+from models.moe import PAD, FeatureLayout, SequenceColumn
+from serving.encoding import RankerPart
 
 # Fractions of the random split over interactions (train, valid, test): the
 # published ML-100K CTR protocol (RecBole's RS 8:1:1).
@@ -67,47 +68,6 @@ class ColumnSpec:
             raise ValueError(f"targets {self.targets} cannot also be features or the label")
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
-
-
-@dataclass(frozen=True)
-class RankerPart:
-    """One split as tensors: categorical (N, C) int64, numeric (N, Nn) float32,
-    sequences one (N, L_s) int64 each, labels (N,) float32, users (N,) int64 or None,
-    targets of the second tasks by name (N,) float32 each, NaN where a row has none.
-    """
-
-    categorical: torch.Tensor
-    numeric: torch.Tensor
-    sequences: tuple[torch.Tensor, ...]
-    labels: torch.Tensor
-    users: torch.Tensor | None = None
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def batch(self, index: torch.Tensor | slice) -> FeatureBatch:
-        """The rows ``index`` as a :class:`FeatureBatch` (empty groups are None)."""
-        return FeatureBatch(
-            categorical=self.categorical[index] if self.categorical.shape[1] else None,
-            numeric=self.numeric[index] if self.numeric.shape[1] else None,
-            sequences=tuple(s[index] for s in self.sequences),
-        )
-
-    def sample(self, rows: int, seed: int) -> RankerPart:
-        """At most ``rows`` rows drawn without replacement (seeded), in their original order."""
-        if rows >= len(self):
-            return self
-        generator = torch.Generator().manual_seed(seed)
-        index = torch.randperm(len(self), generator=generator)[:rows].sort().values
-        return RankerPart(
-            categorical=self.categorical[index],
-            numeric=self.numeric[index],
-            sequences=tuple(s[index] for s in self.sequences),
-            labels=self.labels[index],
-            users=None if self.users is None else self.users[index],
-            targets={name: target[index] for name, target in self.targets.items()},
-        )
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ from infra.config import RankerFinetuneConfig
 from models.lora import LoRALinear, Target, apply_lora, merge_lora
 from models.moe import Reranker
 from models.optimizers import SparseDenseAdam
-from pipelines.ranker.data import RankerPart
 from pipelines.ranker.loop import EpochState, evaluate, run_epochs, shuffled
+from serving.encoding import RankerPart
 
 Mode = Literal["lora", "full"]
 MODES: tuple[Mode, ...] = ("lora", "full")

@@ -1,9 +1,10 @@
 """The reranker training loop as plain functions.
 
-:func:`train_step` is one optimiser step, :func:`predict` and
-:func:`evaluate` score a data part, :func:`run_epochs` is the one epoch loop
-(mini-batches over the rows the caller draws, validation AUC after every
-epoch, early stopping, the best epoch kept) over a resumable
+:func:`train_step` is one optimiser step, :func:`evaluate` scores a data
+part (with :func:`serving.scoring.predict`, the scorer serving uses),
+:func:`run_epochs` is the one epoch loop (mini-batches over the rows the
+caller draws, validation AUC after every epoch, early stopping, the best
+epoch kept) over a resumable
 :class:`EpochState`. Its callers differ only in how they start, shuffle and
 checkpoint: :func:`train_epochs` (single process, fresh model),
 :func:`train_loop_per_worker` (each Ray Train worker: rank-sharded rows,
@@ -27,10 +28,12 @@ from torch import nn
 from infra.config import RankerConfig
 from models.calibration import Calibrator
 from models.ctr_metrics import ctr_report
-from models.moe import FeatureBatch, Reranker, RerankerConfig
+from models.moe import Reranker, RerankerConfig
 from models.optimizers import SparseDenseAdam
 from models.ranking_task import RankingLoss, RankingTask, TaskSpec
-from pipelines.ranker.data import RankerData, RankerPart
+from pipelines.ranker.data import RankerData
+from serving.encoding import RankerPart
+from serving.scoring import predict, to_device
 
 
 @dataclass(frozen=True)
@@ -205,23 +208,6 @@ def train_step(
     return loss
 
 
-@torch.no_grad()
-def predict(
-    model: Reranker, part: RankerPart, task: str = "click", batch_size: int = 8192
-) -> np.ndarray:
-    """Logits (N,) float64 of ``task`` for every row of ``part``, in order (eval mode)."""
-    model.eval()
-    device = next(model.parameters()).device
-    chunks = [
-        model(_to_device(part.batch(slice(start, start + batch_size)), device))
-        .outputs[task]
-        .double()
-        .cpu()
-        for start in range(0, len(part), batch_size)
-    ]
-    return torch.cat(chunks).numpy() if chunks else np.zeros(0)
-
-
 def evaluate(
     model: Reranker,
     part: RankerPart,
@@ -326,7 +312,7 @@ def run_epochs(
         started = time.perf_counter()
         total, batches = 0.0, 0
         for index in rows_for_epoch(epoch).split(batch_size):
-            batch = _to_device(train.batch(index), device)
+            batch = to_device(train.batch(index), device)
             targets, masks = task_targets(train, tasks, index, device)
             total += train_step(trained, task, optimizer, batch, targets, masks).per_task[main_task]
             batches += 1
@@ -501,16 +487,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         on_epoch=checkpoint_and_report,
         forward=trained,
         tasks=train_config.tasks,
-    )
-
-
-def _to_device(batch: FeatureBatch, device: torch.device) -> FeatureBatch:
-    if device.type == "cpu":
-        return batch
-    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-    return FeatureBatch(
-        categorical=move(batch.categorical),
-        hashed=move(batch.hashed),
-        numeric=move(batch.numeric),
-        sequences=tuple(s.to(device, non_blocking=True) for s in batch.sequences),
     )

@@ -3,7 +3,7 @@
 The pyfunc carries the model folder (:func:`models.artifacts.save_reranker`,
 calibrator included) and the feature spec it was trained on; ``predict``
 encodes a frame of raw feature columns by that spec
-(:func:`pipelines.ranker.spec_data.encode_examples`), so a caller cannot
+(:func:`serving.encoding.encode_examples`), so a caller cannot
 encode differently from training. Registration and the challenger/champion
 gate are the retrieval registry's (:func:`register_and_gate`).
 """
@@ -27,8 +27,8 @@ from mlflow.types.schema import Array
 
 from features.feature_spec import FeatureSpec
 from models.artifacts import SavedReranker, load_reranker, save_reranker
-from pipelines.ranker.loop import predict
-from pipelines.ranker.spec_data import encode_examples
+from serving.encoding import encode_examples
+from serving.scoring import predict
 
 _TYPES = {"int64": DataType.long, "float64": DataType.double, "string": DataType.string}
 

@@ -29,8 +29,7 @@ import torch
 from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec, Normalization
 from infra.config import RayrecConfig
 from models.two_tower import PAD, TwoTowerModel
-
-RETRIEVAL_SCORE = "retrieval_score"
+from serving.encoding import RETRIEVAL_SCORE
 
 
 def retrieval_score_problem(config: RayrecConfig) -> str | None:

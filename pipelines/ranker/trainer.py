@@ -27,7 +27,8 @@ from infra.ray_runtime import cpus_per_worker
 from models.calibration import IsotonicCalibration, TemperatureScaling, fit_calibration
 from models.moe import Reranker
 from pipelines.ranker.data import RankerData
-from pipelines.ranker.loop import CHECKPOINT_FILE, configs_from, predict, train_loop_per_worker
+from pipelines.ranker.loop import CHECKPOINT_FILE, configs_from, train_loop_per_worker
+from serving.scoring import predict
 
 VALID_METRIC = "valid_auc"
 

@@ -78,17 +78,12 @@ from models.index.base import CandidateIndex, Exclude
 from models.metrics import RankingReport, UserItems
 from models.moe import Reranker
 from models.two_tower import TwoTowerModel
-from pipelines.ranker.loop import predict
-from pipelines.ranker.spec_data import encode_examples
 from pipelines.retrieval.loop import user_vectors
+from serving.encoding import RETRIEVAL_SCORE, SCORING_POSITION, encode_examples
+from serving.scoring import predict
 
-# The slot every candidate is scored at (module doc: "Position").
-SCORING_POSITION = 0
 # Column that carries each candidate's place in its request through the featurisation.
 _SLOT = "_slot"
-# Each candidate's first-stage score, a column of the candidate frame (a numeric
-# reranker feature when the spec lists it).
-RETRIEVAL_SCORE = "retrieval_score"
 
 
 @dataclass(frozen=True)

@@ -43,20 +43,21 @@ from models.artifacts import SavedReranker, load_reranker, load_two_tower, save_
 from models.calibration import IsotonicCalibration, TemperatureScaling
 from models.ctr_metrics import ctr_report, expected_calibration_error
 from models.moe import Reranker
-from pipelines.ranker.data import RankerData, RankerPart
-from pipelines.ranker.loop import configs_from, predict, second_task, task_report, train_epochs
+from pipelines.ranker.data import RankerData
+from pipelines.ranker.loop import configs_from, second_task, task_report, train_epochs
 from pipelines.ranker.plots import plot_history, plot_reliability
 from pipelines.ranker.registry import log_reranker
 from pipelines.ranker.retrieval_feature import (
-    RETRIEVAL_SCORE,
     retrieval_score_problem,
     with_retrieval_feature,
     with_retrieval_score,
 )
-from pipelines.ranker.spec_data import encode_examples, ranker_data_from_parts, split_examples
+from pipelines.ranker.spec_data import ranker_data_from_parts, split_examples
 from pipelines.ranker.trainer import train_ranker
 from pipelines.retrieval.registry import log_training_history, metric_name, register_and_gate
 from pipelines.step import Step, StepContext, StepResult
+from serving.encoding import RETRIEVAL_SCORE, RankerPart, encode_examples
+from serving.scoring import predict
 
 TEST_KEYS = ("auc", "gauc", "logloss", "ece")
 
@@ -379,7 +380,13 @@ TUNE_RANKER = Step(
     description="Ray Tune (ASHA + Optuna TPE) over the reranker's search space; off unless enabled",
     inputs=("features", "train_retrieval"),
     config_keys=("models.ranker", "models.split", "features.history_length"),
-    code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
+    code=(
+        "models",
+        "pipelines.ranker",
+        "pipelines.steps.ranker",
+        "serving.encoding",
+        "serving.scoring",
+    ),
 )
 
 TRAIN_RANKER = Step(
@@ -388,7 +395,13 @@ TRAIN_RANKER = Step(
     description="MoE reranker on Ray Train over the feature spec's examples, calibrated, against LR",
     inputs=("features", "tune_ranker", "train_retrieval"),
     config_keys=("models.ranker", "models.split", "features.history_length"),
-    code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
+    code=(
+        "models",
+        "pipelines.ranker",
+        "pipelines.steps.ranker",
+        "serving.encoding",
+        "serving.scoring",
+    ),
 )
 
 REGISTER_RANKER = Step(
@@ -406,5 +419,11 @@ FINETUNE_RANKER = Step(
     description="LoRA fine-tune of the trained reranker on the newest window, judged on its end",
     inputs=("train_ranker", "features", "tune_ranker", "train_retrieval"),
     config_keys=("models.ranker", "models.split", "features.history_length"),
-    code=("models", "pipelines.ranker", "pipelines.steps.ranker"),
+    code=(
+        "models",
+        "pipelines.ranker",
+        "pipelines.steps.ranker",
+        "serving.encoding",
+        "serving.scoring",
+    ),
 )

@@ -509,6 +509,8 @@ EVALUATE_TWO_STAGE = Step(
     code=(
         "pipelines.ranker.two_stage",
         "pipelines.steps.two_stage",
+        "serving.encoding",
+        "serving.scoring",
         "pipelines.steps.ranker",
         "features.training_frame",
         "features.pit",

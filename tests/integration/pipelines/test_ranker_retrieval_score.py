@@ -14,10 +14,9 @@ from features.feature_spec import SPEC_FILE, FeatureSpec
 from infra.config import load_config
 from models.artifacts import load_reranker
 from pipelines.main import MAIN
-from pipelines.ranker.loop import predict
-from pipelines.ranker.retrieval_feature import RETRIEVAL_SCORE
-from pipelines.ranker.spec_data import encode_examples
 from pipelines.runner import published, run_pipeline
+from serving.encoding import RETRIEVAL_SCORE, encode_examples
+from serving.scoring import predict
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 

@@ -11,8 +11,8 @@ import pytest
 from infra.config import RankerConfig
 from models.artifacts import load_reranker, save_reranker
 from pipelines.ranker.data import ColumnSpec, RankerData, prepare_ranker_data
-from pipelines.ranker.loop import predict
 from pipelines.ranker.trainer import train_ranker
+from serving.scoring import predict
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -17,7 +17,7 @@ from infra.storage import StoragePath
 from models.artifacts import load_two_tower
 from models.index import load_index
 from pipelines.main import MAIN
-from pipelines.ranker.retrieval_feature import RETRIEVAL_SCORE, retrieval_scores
+from pipelines.ranker.retrieval_feature import retrieval_scores
 from pipelines.ranker.two_stage import candidate_frame, retrieve
 from pipelines.runner import published, run_pipeline
 from pipelines.step import StepContext
@@ -31,6 +31,7 @@ from pipelines.steps.two_stage import (
     run_evaluate_two_stage,
     user_histories,
 )
+from serving.encoding import RETRIEVAL_SCORE
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 

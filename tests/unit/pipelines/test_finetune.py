@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from infra.config import RankerFinetuneConfig
 from models.lora import LoRALinear
 from models.moe import FeatureLayout, Reranker, RerankerConfig, SequenceColumn
-from pipelines.ranker.data import RankerPart
 from pipelines.ranker.finetune import add_adapters, finetune, lora_target, window_split
-from pipelines.ranker.loop import predict
+from serving.encoding import RankerPart
+from serving.scoring import predict
 
 LAYOUT = FeatureLayout(categorical=(11, 6), numeric=2, sequences=(SequenceColumn(shared_with=1),))
 SMALL = RerankerConfig(

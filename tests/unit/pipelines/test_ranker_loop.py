@@ -17,11 +17,11 @@ from pipelines.ranker.loop import (
     configs_from,
     evaluate,
     new_reranker,
-    predict,
     second_task,
     task_report,
     train_epochs,
 )
+from serving.scoring import predict
 
 SPEC = ColumnSpec(
     categorical=("user_id", "color"), numeric=("x",), sequences=("tags",), label="label"

@@ -11,11 +11,11 @@ from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec, Nor
 from infra.config import load_config
 from models.two_tower import TwoTowerConfig, TwoTowerModel
 from pipelines.ranker.retrieval_feature import (
-    RETRIEVAL_SCORE,
     retrieval_score_problem,
     with_retrieval_feature,
     with_retrieval_score,
 )
+from serving.encoding import RETRIEVAL_SCORE
 
 
 def _model() -> TwoTowerModel:

@@ -10,12 +10,8 @@ import polars as pl
 import pytest
 
 from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec, Normalization
-from pipelines.ranker.spec_data import (
-    SpecError,
-    encode_examples,
-    ranker_data_from_examples,
-    split_examples,
-)
+from pipelines.ranker.spec_data import ranker_data_from_examples, split_examples
+from serving.encoding import SpecError, encode_examples
 
 
 def _spec(encoded: bool = False) -> FeatureSpec:

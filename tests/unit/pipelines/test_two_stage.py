@@ -14,10 +14,7 @@ from features.simulator import ClickLogSimulator
 from infra.config import load_config
 from models.metrics import UserItems
 from models.moe import Reranker, RerankerConfig
-from pipelines.ranker.spec_data import SpecColumns
 from pipelines.ranker.two_stage import (
-    RETRIEVAL_SCORE,
-    SCORING_POSITION,
     Candidates,
     candidate_frame,
     dcg_at_k,
@@ -29,6 +26,7 @@ from pipelines.ranker.two_stage import (
     spearman_rows,
     two_stage_report,
 )
+from serving.encoding import RETRIEVAL_SCORE, SCORING_POSITION, SpecColumns
 
 
 def _clicked(rows: list[list[int]]) -> UserItems:
