@@ -43,3 +43,31 @@ def ray_session() -> Iterator[None]:
     ensure_ray(RayConfig(num_cpus=2, object_store_memory_mb=256))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_default_style_run(
+    tmp_path_factory: pytest.TempPathFactory, ray_session: None
+) -> RayrecConfig:
+    """The tiny pipeline set up as the default preset runs it (retrieval split by time, its
+    score a reranker input) up to the fine-tuned reranker, the index and the online store.
+
+    Once per session, read-only for the modules that judge its outputs: each of its two
+    Ray Train runs costs ~25 s of start-up alone. Untracked (no MLflow).
+    """
+    from pipelines.main import MAIN
+    from pipelines.runner import run_pipeline
+
+    workdir = tmp_path_factory.mktemp("tiny_default_style") / "wd"
+    config = load_config(
+        "tiny",
+        [
+            f"paths.workdir={workdir}",
+            "models.split.kind=temporal",
+            "models.ranker.retrieval_score=true",
+        ],
+        environ={},
+    )
+    for step in ("finetune_ranker", "index", "materialize"):
+        run_pipeline(MAIN, config, until=step, track=False)
+    return config

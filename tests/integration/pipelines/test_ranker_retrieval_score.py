@@ -11,27 +11,20 @@ import pytest
 
 from features.dataset import read_examples
 from features.feature_spec import SPEC_FILE, FeatureSpec
-from infra.config import load_config
+from infra.config import RayrecConfig
 from models.artifacts import load_reranker
-from pipelines.main import MAIN
-from pipelines.runner import published, run_pipeline
+from pipelines.runner import published
 from serving.encoding import RETRIEVAL_SCORE, encode_examples
 from serving.scoring import predict
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 
-def test_the_reranker_reads_the_two_towers_score_of_each_row(tmp_path: Path) -> None:
-    config = load_config(
-        "tiny",
-        [
-            f"paths.workdir={tmp_path / 'wd'}",
-            "models.split.kind=temporal",
-            "models.ranker.retrieval_score=true",
-        ],
-        environ={},
-    )
-    run_pipeline(MAIN, config, until="finetune_ranker", track=False)
+def test_the_reranker_reads_the_two_towers_score_of_each_row(
+    tiny_default_style_run: RayrecConfig,
+) -> None:
+    """On the session's tiny run set up as the default preset (tests/conftest.py)."""
+    config = tiny_default_style_run
     trained = Path(published(config, "train_ranker").path.local_path())  # type: ignore[union-attr]
     summary = json.loads((trained / "ranker.json").read_text())
     assert summary["retrieval_score"] and summary["test"]["auc"] > 0.6
