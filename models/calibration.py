@@ -287,6 +287,13 @@ def fit_calibration(
     return _CALIBRATORS[kind]().fit(logits, labels)
 
 
+def click_probabilities(logits: ArrayLike, calibrator: Calibrator | None) -> np.ndarray:
+    """(n,) probabilities of click ``logits``: ``calibrator``'s, or the plain sigmoid without one."""
+    if calibrator is not None:
+        return calibrator.transform(logits)
+    return _sigmoid(np.asarray(logits, dtype=np.float64))
+
+
 def calibration_from_dict(data: Mapping[str, Any]) -> TemperatureScaling | IsotonicCalibration:
     """The calibrator a :meth:`to_dict` wrote (its ``kind`` picks the class)."""
     kind = data.get("kind")

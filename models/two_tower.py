@@ -24,8 +24,10 @@ user id still maps to a trained row.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,17 @@ from features.encoding import AttributeTable
 
 # Padding / unknown-item row of the item id embedding.
 PAD = 0
+
+
+def history_rows(items: Sequence[int], length: int, n_items: int) -> np.ndarray:
+    """(length,) int64 item embedding rows (id + 1) of the last ``length`` items of
+    ``items`` (most recent last), those the model knows (``0 <= id < n_items``)
+    left-aligned, :data:`PAD` after them: one user's history for the user tower
+    (which pools the non-PAD rows, so dropping an unknown id equals padding it)."""
+    known = [item + 1 for item in items[-length:] if 0 <= item < n_items]
+    rows = np.full(length, PAD, dtype=np.int64)
+    rows[: len(known)] = known
+    return rows
 
 
 @dataclass(frozen=True)

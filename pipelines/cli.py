@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -89,6 +89,17 @@ def _run(config: RayrecConfig, until: str | None, force: bool, track: bool) -> N
         table.add_row(step.name, step.status, f"{step.duration_s:.1f}", rows, step.version)
     out.print(table)
     out.print(f"workdir: {config.paths.workdir}   mlflow run: {record.mlflow_run_id or '-'}")
+
+
+def _step_record(config: RayrecConfig, step: str, file: str, force: bool = False) -> dict[str, Any]:
+    """Run the pipeline up to ``step`` (skipping what is current), then read its published ``file``."""
+    from pipelines.runner import published
+
+    _run(config, step, force, track=True)
+    current = published(config, step)
+    if current is None:
+        raise typer.Exit(1)
+    return json.loads(current.path.join(file).read_text())
 
 
 @app.command()
@@ -282,13 +293,7 @@ def finetune_ranker_command(
     """LoRA fine-tune of the trained reranker on the newest days, judged on the window's end."""
     extra = [] if window is None else [f"models.ranker.finetune.window_days={window}"]
     config = _config(preset, sets, extra)
-    _run(config, "finetune_ranker", force, track=True)
-    from pipelines.runner import published
-
-    current = published(config, "finetune_ranker")
-    if current is None:
-        raise typer.Exit(1)
-    record = json.loads(current.path.join("finetune.json").read_text())
+    record = _step_record(config, "finetune_ranker", "finetune.json", force)
     if "skipped" in record:
         out.print(f"fine-tuning skipped: {record['skipped']}")
         return
@@ -316,14 +321,7 @@ def index_build(
 @evaluate_app.command("retrieval")
 def evaluate_retrieval(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """Test metrics of the current retrieval model beside the most-popular baseline."""
-    from pipelines.runner import published
-
-    config = _config(preset, sets)
-    _run(config, "train_retrieval", False, track=True)
-    current = published(config, "train_retrieval")
-    if current is None:
-        raise typer.Exit(1)
-    summary = json.loads(current.path.join("retrieval.json").read_text())
+    summary = _step_record(_config(preset, sets), "train_retrieval", "retrieval.json")
     if "test" not in summary:
         out.print(f"no retrieval model: {summary}")
         return
@@ -355,14 +353,7 @@ def evaluate_retrieval(preset: PresetOpt = "default", sets: SetOpt = None) -> No
 @evaluate_app.command("ranker")
 def evaluate_ranker(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """Test CTR metrics of the current reranker beside logistic regression on the same rows."""
-    from pipelines.runner import published
-
-    config = _config(preset, sets)
-    _run(config, "train_ranker", False, track=True)
-    current = published(config, "train_ranker")
-    if current is None:
-        raise typer.Exit(1)
-    summary = json.loads(current.path.join("ranker.json").read_text())
+    summary = _step_record(_config(preset, sets), "train_ranker", "ranker.json")
     if "test" not in summary:
         out.print(f"no reranker: {summary}")
         return
@@ -387,14 +378,7 @@ def evaluate_ranker(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
 @evaluate_app.command("two-stage")
 def evaluate_two_stage(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """Retrieve top-N, rerank, NDCG/Recall@K of both orders on held-out requests (and the truth)."""
-    from pipelines.runner import published
-
-    config = _config(preset, sets)
-    _run(config, "evaluate_two_stage", False, track=True)
-    current = published(config, "evaluate_two_stage")
-    if current is None:
-        raise typer.Exit(1)
-    record = json.loads(current.path.join("two_stage.json").read_text())
+    record = _step_record(_config(preset, sets), "evaluate_two_stage", "two_stage.json")
     if "skipped" in record:
         out.print(f"two-stage evaluation skipped: {record['skipped']}")
         return

@@ -31,7 +31,7 @@ Per feature kind (the model's columns keep the spec's order within each group):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,12 +216,13 @@ def _numeric_values(values: pl.Series, feature: Feature) -> np.ndarray:
     return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)[:, None]
 
 
-def _sequence_codes(
-    values: pl.Series, feature: Feature, owner: Feature, encoded: bool
+def tail_matrix(
+    values: pl.Series, length: int, code: Callable[[pl.Series], np.ndarray]
 ) -> np.ndarray:
-    """(N, max_length) int64 codes of the owner column, most recent kept, left-aligned."""
-    length = int(feature.max_length or 1)
-    out = np.zeros((len(values), length), dtype=np.int64)
+    """(N, length) int64: each list's last ``length`` values (most recent last), nulls
+    dropped, turned into rows by ``code`` (a flat Series -> int64 array), left-aligned,
+    :data:`PAD` after them; a null list is all PAD."""
+    out = np.full((len(values), length), PAD, dtype=np.int64)
     exploded = (
         pl.DataFrame({"v": values.list.tail(length)})
         .with_row_index("row")
@@ -232,8 +233,28 @@ def _sequence_codes(
     if exploded.height:
         rows = exploded.get_column("row").to_numpy().astype(np.int64)
         pos = exploded.get_column("pos").to_numpy().astype(np.int64)
-        out[rows, pos] = _categorical_codes(exploded.get_column("v"), owner, encoded)
+        out[rows, pos] = code(exploded.get_column("v"))
     return out
+
+
+def _sequence_codes(
+    values: pl.Series, feature: Feature, owner: Feature, encoded: bool
+) -> np.ndarray:
+    """(N, max_length) int64 codes of the owner column, most recent kept, left-aligned."""
+    return tail_matrix(
+        values,
+        int(feature.max_length or 1),
+        lambda flat: _categorical_codes(flat, owner, encoded),
+    )
+
+
+def target_tensor(values: pl.Series) -> torch.Tensor:
+    """(N,) float32 of a second-task target column, NaN where a row has none."""
+    if not (values.dtype.is_numeric() or values.dtype == pl.Null):
+        raise SpecError(f"target column {values.name!r} must be numeric, got {values.dtype}")
+    return torch.from_numpy(
+        values.cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32)
+    )
 
 
 def encode_examples(
@@ -282,15 +303,9 @@ def encode_examples(
         users = torch.from_numpy(
             _column(frame, columns.user).fill_null(-1).cast(pl.Int64).to_numpy().copy()
         )
-    targets = {}
-    if labelled:
-        for name in columns.targets:
-            values = _column(frame, name)
-            if not (values.dtype.is_numeric() or values.dtype == pl.Null):
-                raise SpecError(f"target column {name!r} must be numeric, got {values.dtype}")
-            targets[name] = torch.from_numpy(
-                values.cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32)
-            )
+    targets = (
+        {name: target_tensor(_column(frame, name)) for name in columns.targets} if labelled else {}
+    )
     return RankerPart(
         categorical=torch.from_numpy(categorical),
         numeric=torch.from_numpy(np.ascontiguousarray(numeric, dtype=np.float32)),

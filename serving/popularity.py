@@ -14,14 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.online_store import OnlineStore
+from features.online_store.sketch_state import popularity_column
 from infra.logs import get_logger
 
 log = get_logger(__name__)
-
-
-def popularity_column(window_days: int) -> str:
-    """The item vector's Count-Min popularity column of a window."""
-    return f"popularity_cms_{window_days}d"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ import torch
 from features.online_frame import online_frame
 from features.online_store import FeatureRead, OnlineStore, make_online_store
 from infra.config import FeaturesConfig, ServingConfig
-from models.two_tower import PAD
+from models.calibration import click_probabilities
+from models.two_tower import history_rows
 from serving.bundle import ModelBundle, ModelSources
 from serving.catalogue import Catalogue
 from serving.encoding import RETRIEVAL_SCORE, SCORING_POSITION, encode_examples
@@ -175,12 +176,9 @@ class Recommender:
     @torch.no_grad()
     def user_vector(self, user_id: int, history: list[int]) -> np.ndarray:
         """(1, D) float32: the user tower on the id and the last ``history_length`` known positives."""
-        length = self.features.history_length
-        rows = [item + 1 for item in history[-length:] if 0 <= item < self._n_items]
-        padded = np.full((1, length), PAD, dtype=np.int64)
-        padded[0, : len(rows)] = rows
+        rows = history_rows(history, self.features.history_length, self._n_items)
         vector = self.bundle.two_tower.user_tower(
-            torch.tensor([user_id], dtype=torch.int64), torch.from_numpy(padded)
+            torch.tensor([user_id], dtype=torch.int64), torch.from_numpy(rows[None, :])
         )
         return vector.float().numpy()
 
@@ -220,10 +218,7 @@ class Recommender:
         bundle = self.bundle
         part = encode_examples(frame, bundle.spec, bundle.columns, labelled=False)
         logits = predict(bundle.reranker.model, part)
-        calibrator = bundle.reranker.calibrator
-        probabilities = (
-            calibrator.transform(logits) if calibrator is not None else 1 / (1 + np.exp(-logits))
-        )
+        probabilities = click_probabilities(logits, bundle.reranker.calibrator)
         return np.asarray(probabilities, dtype=np.float64), bool(reads["degraded"].any())
 
     def candidate_frame(

@@ -70,11 +70,16 @@ _COUNTED = {"user": "item_id", "item": "user_id"}
 DISTINCT_COLUMNS = {"user": "distinct_items", "item": "distinct_users"}
 
 
+def popularity_column(window_days: int) -> str:
+    """The item vector's Count-Min popularity column of a window."""
+    return f"popularity_cms_{window_days}d"
+
+
 def sketch_columns(entity: str, windows_days: Sequence[int]) -> list[str]:
     """Columns the sketches add to an entity's vector, after the counter features."""
     if entity == "user":
         return [DISTINCT_COLUMNS["user"]]
-    return [DISTINCT_COLUMNS["item"], *[f"popularity_cms_{w}d" for w in windows_days]]
+    return [DISTINCT_COLUMNS["item"], *[popularity_column(w) for w in windows_days]]
 
 
 def sketch_schema(entity: str, windows_days: Sequence[int]) -> dict[str, pl.DataType]:
@@ -264,7 +269,7 @@ def with_sketch_columns(
         today = day_number(as_of.astimezone(dt.UTC).date())
         for w in windows_days:
             start = today - w + 1
-            columns[f"popularity_cms_{w}d"] = [
+            columns[popularity_column(w)] = [
                 sum(v for d, v in s.days.items() if d >= start) for s in found
             ]
     schema = sketch_schema(entity, windows_days)

@@ -31,7 +31,7 @@ import torch
 
 from features.sources.movielens import read_movielens
 from models.moe import PAD, FeatureLayout, SequenceColumn
-from serving.encoding import RankerPart
+from serving.encoding import RankerPart, target_tensor
 
 # Fractions of the random split over interactions (train, valid, test): the
 # published ML-100K CTR protocol (RecBole's RS 8:1:1).
@@ -166,12 +166,7 @@ def encode_splits(
         users = None
         if spec.user is not None:
             users = torch.from_numpy(frame.get_column(spec.user).to_numpy().astype(np.int64))
-        targets = {
-            name: torch.from_numpy(
-                frame.get_column(name).cast(pl.Float32).fill_null(float("nan")).to_numpy().copy()
-            )
-            for name in spec.targets
-        }
+        targets = {name: target_tensor(frame.get_column(name)) for name in spec.targets}
         return RankerPart(
             categorical=torch.from_numpy(categorical),
             numeric=torch.from_numpy(numeric),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from infra.config import RankerConfig
-from models.calibration import Calibrator
+from models.calibration import Calibrator, click_probabilities
 from models.ctr_metrics import ctr_report
 from models.moe import Reranker, RerankerConfig
 from models.optimizers import SparseDenseAdam
@@ -176,7 +176,7 @@ def task_report(model: Reranker, part: RankerPart, task: TaskSpec) -> dict[str, 
         }
     if task.threshold is not None:
         target = (target >= task.threshold).astype(np.float64)
-    report = ctr_report(target, 1.0 / (1.0 + np.exp(-scores)))
+    report = ctr_report(target, click_probabilities(scores, None))
     return {"n": float(n), "auc": report["auc"], "logloss": report["logloss"]}
 
 
@@ -216,11 +216,7 @@ def evaluate(
     batch_size: int = 8192,
 ) -> dict[str, float]:
     """``auc, gauc, logloss, ece, n, positive_rate`` of ``part`` (optionally calibrated)."""
-    logits = predict(model, part, task, batch_size)
-    if calibrator is not None:
-        probabilities = calibrator.transform(logits)
-    else:
-        probabilities = 1.0 / (1.0 + np.exp(-logits))
+    probabilities = click_probabilities(predict(model, part, task, batch_size), calibrator)
     users = part.users.numpy() if part.users is not None else None
     return ctr_report(part.labels.numpy(), probabilities, users=users)
 

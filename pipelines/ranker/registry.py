@@ -17,7 +17,6 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
 import polars as pl
 import torch
@@ -27,6 +26,7 @@ from mlflow.types.schema import Array
 
 from features.feature_spec import FeatureSpec
 from models.artifacts import SavedReranker, load_reranker, save_reranker
+from models.calibration import click_probabilities
 from serving.encoding import encode_examples
 from serving.scoring import predict
 
@@ -51,10 +51,7 @@ class RerankerPyfunc(mlflow.pyfunc.PythonModel):
         part = encode_examples(frame, self.spec, labelled=False)
         model = self.saved.model
         logits = predict(model, part)
-        calibrator = self.saved.calibrator
-        probability = (
-            calibrator.transform(logits) if calibrator is not None else 1 / (1 + np.exp(-logits))
-        )
+        probability = click_probabilities(logits, self.saved.calibrator)
         extra = {task: predict(model, part, task) for task in model.config.tasks[1:]}
         return pd.DataFrame({"probability": probability, "logit": logits, **extra})
 

@@ -29,7 +29,7 @@ import torch
 from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec, Normalization
 from infra.config import RayrecConfig
 from models.two_tower import PAD, TwoTowerModel
-from serving.encoding import RETRIEVAL_SCORE
+from serving.encoding import RETRIEVAL_SCORE, tail_matrix
 
 
 def retrieval_score_problem(config: RayrecConfig) -> str | None:
@@ -48,23 +48,6 @@ def retrieval_score_problem(config: RayrecConfig) -> str | None:
     return None
 
 
-def _history_rows(histories: pl.Series, length: int) -> np.ndarray:
-    """(B, length) item embedding rows (id + 1) of the most recent ``length`` ids, 0-padded."""
-    out = np.full((len(histories), length), PAD, dtype=np.int64)
-    exploded = (
-        pl.DataFrame({"v": histories.list.tail(length)})
-        .with_row_index("row")
-        .explode("v")
-        .filter(pl.col("v").is_not_null())
-        .with_columns(pl.int_range(pl.len()).over("row").alias("pos"))
-    )
-    if exploded.height:
-        rows = exploded.get_column("row").to_numpy().astype(np.int64)
-        pos = exploded.get_column("pos").to_numpy().astype(np.int64)
-        out[rows, pos] = exploded.get_column("v").to_numpy().astype(np.int64) + 1
-    return out
-
-
 @torch.no_grad()
 def retrieval_scores(
     model: TwoTowerModel, frame: pl.DataFrame, history_length: int, chunk: int = 65_536
@@ -79,7 +62,12 @@ def retrieval_scores(
     n_users, n_items = model.config.n_users, model.config.n_items
     users = frame.get_column("user_id").fill_null(-1).to_numpy().astype(np.int64)
     items = frame.get_column("item_id").fill_null(-1).to_numpy().astype(np.int64)
-    history = _history_rows(frame.get_column("user_history"), history_length)
+    # Item embedding rows (id + 1); ids the model never saw pool as padding.
+    history = tail_matrix(
+        frame.get_column("user_history"),
+        history_length,
+        lambda ids: ids.to_numpy().astype(np.int64) + 1,
+    )
     history[history > n_items] = PAD
     known = (users >= 0) & (users < n_users) & (items >= 0) & (items < n_items)
     scores = np.full(frame.height, np.nan)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import polars as pl
 
 from features.dataset import read_examples
@@ -40,7 +39,7 @@ from features.feature_spec import SPEC_FILE, FeatureSpec
 from infra.config import RankerConfig
 from infra.ray_runtime import ensure_ray
 from models.artifacts import SavedReranker, load_reranker, load_two_tower, save_reranker
-from models.calibration import IsotonicCalibration, TemperatureScaling
+from models.calibration import IsotonicCalibration, TemperatureScaling, click_probabilities
 from models.ctr_metrics import ctr_report, expected_calibration_error
 from models.moe import Reranker
 from pipelines.ranker.data import RankerData
@@ -132,10 +131,7 @@ def test_report(
     calibrator: TemperatureScaling | IsotonicCalibration | None,
 ) -> tuple[dict[str, float], Any]:
     """CTR metrics of ``part`` (calibrated when a calibrator is given) and the reliability table."""
-    logits = predict(model, part)
-    probabilities = (
-        calibrator.transform(logits) if calibrator is not None else 1 / (1 + np.exp(-logits))
-    )
+    probabilities = click_probabilities(predict(model, part), calibrator)
     labels = part.labels.numpy()
     users = part.users.numpy() if part.users is not None else None
     report = ctr_report(labels, probabilities, users=users)
@@ -374,19 +370,24 @@ def run_finetune_ranker(ctx: StepContext) -> StepResult:
     )
 
 
+# What the tune, train and fine-tune steps read: the ranker's section, the retrieval
+# split and history length (the retrieval-score feature), and the modules they run.
+RANKER_CONFIG_KEYS = ("models.ranker", "models.split", "features.history_length")
+RANKER_CODE = (
+    "models",
+    "pipelines.ranker",
+    "pipelines.steps.ranker",
+    "serving.encoding",
+    "serving.scoring",
+)
+
 TUNE_RANKER = Step(
     name="tune_ranker",
     run=run_tune_ranker,
     description="Ray Tune (ASHA + Optuna TPE) over the reranker's search space; off unless enabled",
     inputs=("features", "train_retrieval"),
-    config_keys=("models.ranker", "models.split", "features.history_length"),
-    code=(
-        "models",
-        "pipelines.ranker",
-        "pipelines.steps.ranker",
-        "serving.encoding",
-        "serving.scoring",
-    ),
+    config_keys=RANKER_CONFIG_KEYS,
+    code=RANKER_CODE,
 )
 
 TRAIN_RANKER = Step(
@@ -394,14 +395,8 @@ TRAIN_RANKER = Step(
     run=run_train_ranker,
     description="MoE reranker on Ray Train over the feature spec's examples, calibrated, against LR",
     inputs=("features", "tune_ranker", "train_retrieval"),
-    config_keys=("models.ranker", "models.split", "features.history_length"),
-    code=(
-        "models",
-        "pipelines.ranker",
-        "pipelines.steps.ranker",
-        "serving.encoding",
-        "serving.scoring",
-    ),
+    config_keys=RANKER_CONFIG_KEYS,
+    code=RANKER_CODE,
 )
 
 REGISTER_RANKER = Step(
@@ -418,12 +413,6 @@ FINETUNE_RANKER = Step(
     run=run_finetune_ranker,
     description="LoRA fine-tune of the trained reranker on the newest window, judged on its end",
     inputs=("train_ranker", "features", "tune_ranker", "train_retrieval"),
-    config_keys=("models.ranker", "models.split", "features.history_length"),
-    code=(
-        "models",
-        "pipelines.ranker",
-        "pipelines.steps.ranker",
-        "serving.encoding",
-        "serving.scoring",
-    ),
+    config_keys=RANKER_CONFIG_KEYS,
+    code=RANKER_CODE,
 )

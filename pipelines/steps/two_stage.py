@@ -88,7 +88,7 @@ from features.training_frame import has_impressions
 from infra.config import RayrecConfig, SimulatorSourceConfig
 from models.artifacts import load_reranker, load_two_tower
 from models.metrics import UserItems
-from models.two_tower import PAD
+from models.two_tower import PAD, history_rows
 from pipelines.ranker.spec_data import split_examples
 from pipelines.ranker.two_stage import (
     TwoStageReport,
@@ -264,8 +264,7 @@ def user_histories(
     user_ids = requests.get_column("user_id").to_numpy().astype(np.int64)
     history = np.full((int(user_ids.max()) + 1, length), PAD, dtype=np.int64)
     for user, items in zip(user_ids, recent.get_column("history").to_list(), strict=True):
-        known = [item + 1 for item in items[-length:] if 0 <= item < n_items]
-        history[user, : len(known)] = known
+        history[user] = history_rows(items, length, n_items)
     return torch.as_tensor(history), user_ids
 
 

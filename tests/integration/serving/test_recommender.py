@@ -16,6 +16,7 @@ import torch
 from features.aggregates import CtrPrior
 from features.dataset import read_events, read_table
 from features.online_frame import online_frame
+from features.online_store.sketch_state import popularity_column
 from features.training_frame import build_training_frame
 from infra.config import RayrecConfig, ServingConfig, load_config
 from models.index import ExactIndex
@@ -23,7 +24,6 @@ from pipelines.runner import published
 from pipelines.serving_sources import NotServable, published_sources
 from serving.bundle import BundleError, ModelBundle
 from serving.encoding import RETRIEVAL_SCORE, SCORING_POSITION, encode_examples
-from serving.popularity import popularity_column
 from serving.recommender import Recommender, RequestError
 from serving.schemas import Filters, RecommendationRequest
 
