@@ -552,6 +552,75 @@ class ModelsConfig(Section):
     ranker: RankerConfig = RankerConfig()
 
 
+class ExplorationConfig(Section):
+    """How a served list departs from the reranker's order, so logs cover more than its top.
+
+    ``none``: the reranker's order, every shown item's propensity 1. ``epsilon``:
+    each slot, with probability ``epsilon``, takes a uniformly random remaining
+    candidate instead of the best remaining one. ``softmax``: each slot samples
+    the remaining candidates by ``softmax(logit / temperature)`` (Plackett-Luce).
+    Either way the response carries each shown item's propensity (the
+    probability of that item at that slot given the slots above it), which the
+    client logs with the impression for IPS/SNIPS evaluation.
+    """
+
+    kind: Literal["none", "epsilon", "softmax"] = "none"
+    # 5%: enough off-policy coverage for IPS in a week of default traffic while
+    # costing at most 5% of slots.
+    epsilon: float = Field(default=0.05, ge=0.0, le=1.0)
+    # On the reranker's logit scale: 1.0 samples by the model's own odds.
+    temperature: float = Field(default=1.0, gt=0.0)
+    # Exploration samples only among the best ``pool`` candidates: a random
+    # item from the tail of 200 is rarely worth a slot.
+    pool: int = Field(default=50, ge=1)
+    # None: a fresh random stream per process; an int makes answers reproducible (tests).
+    seed: int | None = None
+
+
+class DiversityConfig(Section):
+    """Maximal marginal relevance over the reranked list (``mmr_lambda`` None: off).
+
+    Each slot takes the candidate maximising ``lambda * relevance - (1 - lambda) *
+    max cosine(item, items already chosen)`` on the two-tower item vectors;
+    relevance is the calibrated click probability min-max scaled to [0, 1].
+    1.0 is the plain ranking; 0.7 is the usual starting point (Carbonell and
+    Goldstein, 1998).
+    """
+
+    mmr_lambda: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class ServeAppConfig(Section):
+    """The Ray Serve application (:mod:`serving.app`): address, replicas, limits."""
+
+    host: str = "127.0.0.1"
+    # Not 8000: Ray Serve and the Evidently UI both default to it.
+    port: int = Field(default=8600, ge=1, le=65535)
+    name: str = "rayrec"
+    route_prefix: str = "/"
+    num_replicas: int = Field(default=1, ge=1)
+    # CPUs reserved per replica: 1 leaves the second core to the proxy and the
+    # event writes on a 2-core machine.
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    # Requests in flight per replica: a request is CPU-bound (one torch thread),
+    # so a few in flight hide the HTTP and store waits; more only queue inside.
+    max_ongoing_requests: int = Field(default=8, ge=1)
+    # Requests waiting for a replica: past it, a fast 503 instead of a queue
+    # that turns every answer late (Serve's default, -1, is unbounded).
+    max_queued_requests: int = Field(default=64, ge=1)
+    # Bodies above this are refused with 413 before parsing (Serve and FastAPI
+    # take 20 MB by default); 64 KB holds a 500-event batch.
+    max_body_bytes: int = Field(default=65_536, ge=1_024)
+    # Serve's proxy drops a request after this (Serve's default: none).
+    request_timeout_s: float = Field(default=5.0, gt=0.0)
+    # Events per POST /v1/events.
+    max_events_per_batch: int = Field(default=500, ge=1)
+    # Seconds between checks of the MLflow @champion (None: only `rayrec serve reload`).
+    poll_champion_s: float | None = Field(default=None, gt=0.0)
+    # `rayrec run` ends by (re)deploying the champion when True.
+    deploy_after_run: bool = False
+
+
 class ServingConfig(Section):
     """The online request path (:mod:`serving.recommender`): sizes, bounds, time budget."""
 
@@ -578,6 +647,12 @@ class ServingConfig(Section):
     # fan-out costs more than it saves, and replicas share the cores (measured on
     # tiny, 2 busy cores: median request 26 ms at 1 thread, 130 ms at 2).
     torch_threads: int = Field(default=1, ge=1)
+    # Where POST /v1/events appends (Parquet, one folder per UTC date); None:
+    # <workdir>/event_log. Training and monitoring read it.
+    event_log: str | None = None
+    exploration: ExplorationConfig = ExplorationConfig()
+    diversity: DiversityConfig = DiversityConfig()
+    app: ServeAppConfig = ServeAppConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ServingConfig:
