@@ -647,6 +647,10 @@ class ServingConfig(Section):
     # fan-out costs more than it saves, and replicas share the cores (measured on
     # tiny, 2 busy cores: median request 26 ms at 1 thread, 130 ms at 2).
     torch_threads: int = Field(default=1, ge=1)
+    # Where the served models come from: the MLflow registry's @champion of both
+    # models (what the pipeline promoted), or the workdir's published step outputs
+    # (no tracking needed; tests and --no-track runs).
+    models_from: Literal["champion", "published"] = "champion"
     # Where POST /v1/events appends (Parquet, one folder per UTC date); None:
     # <workdir>/event_log. Training and monitoring read it.
     event_log: str | None = None

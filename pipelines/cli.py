@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,6 +56,8 @@ tune_app = typer.Typer(help="Hyper-parameter search (Ray Tune).", no_args_is_hel
 finetune_app = typer.Typer(help="Fine-tune trained models on fresh data.", no_args_is_help=True)
 app.add_typer(tune_app, name="tune")
 app.add_typer(finetune_app, name="finetune")
+serve_app = typer.Typer(help="The online recommendation API (Ray Serve).", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
 
 out = Console()
 
@@ -117,6 +121,25 @@ def run(
     """Run the main pipeline (all steps, or up to --until)."""
     config = _config(preset, sets)
     _run(config, until, force, track)
+    if until is None and config.serving.app.deploy_after_run:
+        _redeploy(config)
+
+
+def _redeploy(config: RayrecConfig) -> None:
+    """The run's last act: the running API (or the cluster's) serves the new champion."""
+    from pipelines.serve import push, server_pid, signal_server
+
+    if server_pid(config) is not None:
+        signal_server(config, signal.SIGHUP)
+        out.print("serving: asked the running API to load the champion (rayrec serve status)")
+    elif os.environ.get("RAY_ADDRESS") or config.ray.address:
+        from infra.ray_runtime import ensure_ray
+
+        ensure_ray(config.ray)
+        result = push(config)
+        out.print(f"serving: generation {result.generation} deployed {result.versions}")
+    else:
+        out.print("serving: no API running; start one with `rayrec serve start`")
 
 
 @app.command()
@@ -413,6 +436,118 @@ def evaluate_two_stage(preset: PresetOpt = "default", sets: SetOpt = None) -> No
         f"candidate_recall@{n} {record[f'candidate_recall@{n}']:.4f}; "
         f"reranked keeps {record[f'reranked_overlap@{k}']:.0%} of retrieval's top {k}"
     )
+
+
+@serve_app.command("start")
+def serve_start(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """Run the API in the foreground (Ctrl-C or `rayrec serve stop` ends it)."""
+    from pipelines.serve import base_url, serve_forever, server_pid
+
+    config = _config(preset, sets)
+    pid = server_pid(config)
+    if pid is not None:
+        typer.echo(f"error: already serving this workdir (pid {pid})", err=True)
+        raise typer.Exit(1)
+    out.print(f"serving on {base_url(config)} (docs at /docs)")
+    serve_forever(config)
+
+
+@serve_app.command("status")
+def serve_status(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """What the running API serves (exit 1 when it is not ready)."""
+    from pipelines.serve import base_url, served, server_pid
+
+    config = _config(preset, sets)
+    answer = served(config)
+    if answer is None:
+        out.print(f"nothing answers on {base_url(config)} (server pid: {server_pid(config)})")
+        raise typer.Exit(1)
+    answer.pop("sources", None)
+    out.print_json(json.dumps(answer))
+    if not answer.get("ready"):
+        raise typer.Exit(1)
+
+
+@serve_app.command("reload")
+def serve_reload(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the swap.")] = 120.0,
+) -> None:
+    """Swap the running API to the current champion (zero failed requests; a bad model is refused)."""
+    from pipelines.serve import served, signal_server
+
+    config = _config(preset, sets)
+    before = (served(config) or {}).get("generation")
+    signal_server(config, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        answer = served(config) or {}
+        if answer.get("generation") != before:
+            out.print(f"serving generation {answer['generation']}: {answer['model_versions']}")
+            return
+    typer.echo(
+        "error: the API still serves generation "
+        f"{before}: nothing new to load, or the models were refused (see the server's log)",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
+@serve_app.command("stop")
+def serve_stop(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """Stop the running API (Serve shut down; the process exits)."""
+    from pipelines.serve import server_pid, signal_server
+
+    config = _config(preset, sets)
+    pid = signal_server(config, signal.SIGTERM)
+    for _ in range(120):
+        if server_pid(config) is None:
+            out.print(f"stopped (pid {pid})")
+            return
+        time.sleep(0.5)
+    typer.echo(f"error: pid {pid} still running after 60 s", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def recommend(
+    user: Annotated[int, typer.Option(help="The user id.")],
+    k: Annotated[int, typer.Option(help="How many items.")] = 10,
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+) -> None:
+    """Ask the running API for a user's recommendations (a client of POST /v1/recommendations)."""
+    import httpx
+
+    from pipelines.serve import base_url
+
+    config = _config(preset, sets)
+    response = httpx.post(
+        f"{base_url(config)}/v1/recommendations", json={"user_id": user, "k": k}, timeout=10.0
+    )
+    if response.status_code != 200:
+        typer.echo(f"error: HTTP {response.status_code}: {response.text}", err=True)
+        raise typer.Exit(1)
+    body = response.json()
+    table = Table(
+        title=f"user {user}: request {body['request_id']}"
+        f"{' (fallback: popularity)' if body['fallback'] else ''}"
+    )
+    for column in ("rank", "item", "score", "retrieval", "propensity"):
+        table.add_column(column)
+    for rank, item in enumerate(body["items"], start=1):
+        retrieval = item["retrieval_score"]
+        table.add_row(
+            str(rank),
+            str(item["item_id"]),
+            f"{item['score']:.4f}",
+            "-" if retrieval is None else f"{retrieval:.3f}",
+            f"{item['propensity']:.3f}",
+        )
+    out.print(table)
+    out.print(f"models: {body['model_versions']}")
 
 
 @config_app.command("show")

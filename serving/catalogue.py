@@ -34,6 +34,13 @@ class Catalogue:
             at = self.positions(item_ids)
             codes[at[at >= 0]] = item_codes[at >= 0]
         self.codes = codes
+        # Items the table marks ``available = false`` (out of stock, withdrawn) are
+        # never served; a missing column or a null means available.
+        if "available" in items.columns:
+            gone = items.filter(pl.col("available").cast(pl.Boolean).not_()).get_column("item_id")
+            self.unavailable = np.intersect1d(gone.to_numpy().astype(np.int64), self.ids)
+        else:
+            self.unavailable = np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.ids.size)

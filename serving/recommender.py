@@ -32,8 +32,8 @@ One request (:meth:`Recommender.recommend`):
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,9 +48,16 @@ from models.calibration import click_probabilities
 from models.two_tower import history_rows
 from serving.bundle import ModelBundle, ModelSources
 from serving.catalogue import Catalogue
+from serving.diversity import mmr_order
 from serving.encoding import RETRIEVAL_SCORE, SCORING_POSITION, encode_examples
+from serving.exploration import Explorer
 from serving.popularity import PopularityRanking
-from serving.schemas import RecommendationRequest, RecommendationResponse, ScoredItem
+from serving.schemas import (
+    RecommendationRequest,
+    RecommendationResponse,
+    ScoredItem,
+    SimilarItemsResponse,
+)
 from serving.scoring import predict
 
 Clock = Callable[[], dt.datetime]
@@ -62,6 +69,10 @@ def utc_now() -> dt.datetime:
 
 class RequestError(ValueError):
     """The request is well formed but out of the configured bounds (the API's 422)."""
+
+
+class UnknownItem(LookupError):
+    """The item is not in the served catalogue (the API's 404)."""
 
 
 class Recommender:
@@ -95,6 +106,10 @@ class Recommender:
         self.popularity = PopularityRanking.from_store(store, self.catalogue.ids, window)
         self._n_users = bundle.two_tower.config.n_users
         self._n_items = bundle.two_tower.config.n_items
+        self.explorer = Explorer(serving.exploration)
+        # (n_items, D) float32 trained item vectors: MMR's similarity and /similar-items.
+        with torch.no_grad():
+            self.item_vectors = bundle.two_tower.all_item_vectors().float().numpy()
         self._check_features()
 
     @classmethod
@@ -135,6 +150,7 @@ class Recommender:
         user = self.store.read_user(request.user_id)
         seen = np.asarray(user.history if self.serving.exclude_seen else [], dtype=np.int64)
         banned = np.union1d(np.asarray(request.exclude_item_ids, dtype=np.int64), seen)
+        banned = np.union1d(banned, self.catalogue.unavailable)
         allowed = self.catalogue.allowed(request.filters)
         eligible = self.catalogue.eligible(banned, allowed)
         timings["features"] = _ms(started)
@@ -159,19 +175,61 @@ class Recommender:
 
         mark = time.perf_counter()
         probabilities, degraded = self._rerank(request.user_id, user, ids, scores, ts)
-        order = np.argsort(-probabilities, kind="stable")[: request.k]
         timings["rerank"] = _ms(mark)
+        slate = self.explorer.choose(
+            _logits(probabilities), self._ranked(ids, probabilities, request.k), request.k
+        )
         items = tuple(
             ScoredItem(
-                item_id=int(ids[j]), score=float(probabilities[j]), retrieval_score=float(scores[j])
+                item_id=int(ids[j]),
+                score=float(probabilities[j]),
+                retrieval_score=float(scores[j]),
+                propensity=float(p),
             )
-            for j in order
+            for j, p in zip(slate.order, slate.propensities, strict=True)
         )
         return self._response(
             request, items, False, True, user.degraded or degraded, timings, started
         )
 
+    def similar_items(self, item_id: int, k: int) -> SimilarItemsResponse:
+        """The ``k`` catalogue items nearest to ``item_id`` by item vector (inner product).
+
+        Raises :class:`UnknownItem` for an item the index does not hold and
+        :class:`RequestError` when ``k`` exceeds ``serving.max_k``.
+        """
+        if k > self.serving.max_k:
+            raise RequestError(f"k must be <= {self.serving.max_k} (serving.max_k), got {k}")
+        index = self.bundle.index
+        if index.positions_of(np.asarray([item_id]))[0] < 0 or not 0 <= item_id < self._n_items:
+            raise UnknownItem(f"item {item_id} is not in the served catalogue")
+        banned = np.union1d(np.asarray([item_id], dtype=np.int64), self.catalogue.unavailable)
+        n = min(k, len(index) - int(np.isin(banned, index.ids).sum()))
+        items: tuple[ScoredItem, ...] = ()
+        if n > 0:
+            scores, ids = index.search(self.item_vectors[item_id][None, :], n, [banned])
+            keep = ids[0] >= 0
+            items = tuple(
+                ScoredItem(item_id=int(i), score=float(s), retrieval_score=float(s))
+                for i, s in zip(ids[0][keep], scores[0][keep], strict=True)
+            )
+        return SimilarItemsResponse(
+            item_id=item_id, items=items, model_versions=self.bundle.versions
+        )
+
     # ------------------------------------------------------------------ stages
+
+    def _ranked(self, ids: np.ndarray, probabilities: np.ndarray, k: int) -> np.ndarray:
+        """(R,) candidate positions best first: by probability, or MMR's order when
+        ``serving.diversity.mmr_lambda`` is set (deep enough for exploration's pool)."""
+        lam = self.serving.diversity.mmr_lambda
+        if lam is None:
+            return np.argsort(-probabilities, kind="stable")
+        depth = min(ids.size, max(k, self.serving.exploration.pool))
+        vectors = np.zeros((ids.size, self.item_vectors.shape[1]), dtype=np.float32)
+        known = (ids >= 0) & (ids < self._n_items)
+        vectors[known] = self.item_vectors[ids[known]]
+        return mmr_order(probabilities, vectors, depth, lam)
 
     @torch.no_grad()
     def user_vector(self, user_id: int, history: list[int]) -> np.ndarray:
@@ -266,7 +324,9 @@ class Recommender:
     ) -> RecommendationResponse:
         timings["total"] = _ms(started)
         return RecommendationResponse(
-            request_id=uuid.uuid4().hex,
+            # Digits of a random int63: the events table keys request_id as int64, so an
+            # impression posted back with it joins this answer exactly.
+            request_id=str(secrets.randbits(63)),
             user_id=request.user_id,
             items=items,
             fallback=fallback,
@@ -275,6 +335,12 @@ class Recommender:
             model_versions=self.bundle.versions,
             timings_ms=timings,
         )
+
+
+def _logits(probabilities: np.ndarray) -> np.ndarray:
+    """(M,) log-odds of calibrated probabilities (softmax exploration samples on them)."""
+    p = np.clip(probabilities, 1e-7, 1.0 - 1e-7)
+    return np.log(p) - np.log1p(-p)
 
 
 def _ms(since: float) -> float:

@@ -42,12 +42,17 @@ class ScoredItem(_Strict):
     ``score``: the reranker's calibrated click probability (reranked answers),
     the retrieval score (answers in retrieval order), or the item's popularity
     count (fallback answers); ``retrieval_score``: the index's inner product of
-    user and item vectors (None in a fallback answer).
+    user and item vectors (None in a fallback answer); ``propensity``: the
+    probability that the serving policy put this item in this slot given the
+    slots above it (1.0 without exploration; see :mod:`serving.exploration`).
+    Log it with the impression (``POST /v1/events``) so the policy can be
+    evaluated off-line (IPS/SNIPS).
     """
 
     item_id: int
     score: float
     retrieval_score: float | None = None
+    propensity: float = 1.0
 
 
 class RecommendationResponse(_Strict):
@@ -69,3 +74,11 @@ class RecommendationResponse(_Strict):
     degraded: bool
     model_versions: dict[str, str]
     timings_ms: dict[str, float]
+
+
+class SimilarItemsResponse(_Strict):
+    """Items nearest to ``item_id`` by the two-tower's item vectors (inner product), best first."""
+
+    item_id: int
+    items: tuple[ScoredItem, ...]
+    model_versions: dict[str, str]
