@@ -81,7 +81,7 @@ def online_frame(
     user_columns = [*counters, DISTINCT_COLUMNS["user"]]
     schema = entity_schema("user", windows_days)
     user_values = {c: user.values.get(c) for c in user_columns}
-    _advance_seconds(user_values, user.features_as_of, ts)
+    advance_seconds(user_values, user.features_as_of, ts)
     history = pl.Series("user_history", [list(user.history)], dtype=pl.List(pl.Int64))
     # One value per user column, broadcast over the candidates.
     users_side = rows.select(
@@ -105,7 +105,7 @@ def online_frame(
     return assemble(rows, users_side, items_side, users, items)
 
 
-def _advance_seconds(values: dict[str, Any], as_of: dt.datetime | None, ts: dt.datetime) -> None:
+def advance_seconds(values: dict[str, Any], as_of: dt.datetime | None, ts: dt.datetime) -> None:
     """``seconds_since_*`` of a vector computed at ``as_of``, moved on to ``ts`` (in place)."""
     if as_of is None:
         return
@@ -123,7 +123,6 @@ def _category_affinity(user: FeatureRead, ids: np.ndarray, items: pl.DataFrame) 
     count estimated from the stored history (module doc).
     """
     categories = items.select("item_id", "category")
-    n_categories = max(1, categories.get_column("category").n_unique())
     positives = float(user.values.get("positives_total") or 0)
     history = pl.DataFrame({"item_id": pl.Series(list(user.history), dtype=pl.Int64)})
     per_category = (
@@ -131,13 +130,30 @@ def _category_affinity(user: FeatureRead, ids: np.ndarray, items: pl.DataFrame) 
         .group_by("category")
         .agg(pl.len().alias("_n"))
     )
-    # Each history item stands for positives / len(history) of the user's positives.
-    scale = positives / history.height if history.height else 0.0
     candidates = (
         pl.DataFrame({"item_id": ids})
         .join(categories, on="item_id", how="left", maintain_order="left")
         .join(per_category, on="category", how="left", maintain_order="left")
     )
-    in_category = candidates.get_column("_n").fill_null(0).cast(pl.Float64) * scale
+    in_category = candidates.get_column("_n").fill_null(0).to_numpy()
+    return pl.Series(
+        category_affinity(in_category, history.height, positives, category_count(items))
+    )
+
+
+def category_count(items: pl.DataFrame) -> int:
+    """How many categories the smoothing spreads its prior over (a null category counts as one)."""
+    return max(1, items.get_column("category").n_unique())
+
+
+def category_affinity(
+    in_category: np.ndarray, history_length: int, positives: float, n_categories: int
+) -> np.ndarray:
+    """(M,) float64 :func:`_category_affinity` from its counts: ``in_category`` (M,) how many of
+    the ``history_length`` stored history items share each candidate's (non-null) category."""
+    # Each history item stands for positives / len(history) of the user's positives.
+    scale = positives / history_length if history_length else 0.0
     share = 1.0 / n_categories
-    return (in_category + AFFINITY_STRENGTH * share) / (positives + AFFINITY_STRENGTH)
+    return (in_category.astype(np.float64) * scale + AFFINITY_STRENGTH * share) / (
+        positives + AFFINITY_STRENGTH
+    )

@@ -155,41 +155,70 @@ def _column(frame: pl.DataFrame, name: str) -> pl.Series:
     return frame.get_column(name)
 
 
-def _categorical_codes(values: pl.Series, feature: Feature, encoded: bool) -> np.ndarray:
-    """(N,) int64 rows of the embedding table; 0 = unknown."""
-    rows = _rows(feature)
+def categorical_codes(values: pl.Series, feature: Feature, encoded: bool) -> np.ndarray:
+    """(N,) int64 rows of the embedding table of a column; 0 = unknown (module doc)."""
     if feature.hash_buckets is not None:
         if not values.dtype.is_integer():
             raise SpecError(
                 f"hashed id column {feature.name!r} must hold integers, got {values.dtype}"
             )
         ids = values.cast(pl.Int64).to_numpy(allow_copy=True)
-        codes = np.zeros(len(values), dtype=np.int64)
-        present = ~values.is_null().to_numpy()
-        codes[present] = np.mod(ids[present], feature.hash_buckets) + 1
-        return codes
+        return hashed_codes(ids, ~values.is_null().to_numpy(), feature.hash_buckets)
     if encoded:
         if not values.dtype.is_integer():
             raise SpecError(
                 f"encoded column {feature.name!r} must hold integer codes, got {values.dtype}"
             )
         codes = values.fill_null(PAD).cast(pl.Int64).to_numpy().astype(np.int64)
-        codes[(codes < 0) | (codes >= rows)] = PAD
-        return codes
-    vocabulary = list(feature.vocabulary or ())
+        return bounded_codes(codes, _rows(feature))
+    rows = vocabulary_rows(feature)
     return (
         values.cast(pl.String)
-        .replace_strict(
-            vocabulary, range(1, len(vocabulary) + 1), default=PAD, return_dtype=pl.Int64
-        )
+        .replace_strict(list(rows), list(rows.values()), default=PAD, return_dtype=pl.Int64)
         .fill_null(PAD)
         .to_numpy()
         .astype(np.int64)
     )
 
 
-def _numeric_values(values: pl.Series, feature: Feature) -> np.ndarray:
-    """(N, width) float32 after the spec's normalisation; missing -> 0."""
+def hashed_codes(ids: np.ndarray, present: np.ndarray, buckets: int) -> np.ndarray:
+    """(N,) int64 rows of hashed ids: ``id mod buckets + 1`` where ``present``, else 0."""
+    codes = np.zeros(len(ids), dtype=np.int64)
+    codes[present] = np.mod(ids[present], buckets) + 1
+    return codes
+
+
+def bounded_codes(codes: np.ndarray, rows: int) -> np.ndarray:
+    """(N,) int64 codes of an ``encoded`` table, anything outside ``[0, rows)`` -> 0 (in place)."""
+    codes[(codes < 0) | (codes >= rows)] = PAD
+    return codes
+
+
+def vocabulary_rows(feature: Feature) -> dict[str, int]:
+    """A vocabulary's value (as a string) -> its row, index + 1 (0 is out of vocabulary)."""
+    vocabulary = feature.vocabulary or ()
+    rows = {value: row for row, value in enumerate(vocabulary, start=1)}
+    if len(rows) != len(vocabulary):
+        raise SpecError(f"the vocabulary of {feature.name!r} repeats a value")
+    return rows
+
+
+def normalize(x: np.ndarray, feature: Feature) -> np.ndarray:
+    """(N,) float32: float64 values after the spec's normalisation; null (NaN) or inf -> 0."""
+    match feature.normalization:
+        case Normalization.STANDARD:
+            x = (x - float(feature.mean or 0.0)) / float(feature.std or 1.0)
+        case Normalization.LOG1P:
+            x = np.sign(x) * np.log1p(np.abs(x))
+        case Normalization.MINMAX:
+            low, high = feature.min_value, feature.max_value
+            if low is not None and high is not None and high > low:
+                x = (x - low) / (high - low)
+    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def numeric_values(values: pl.Series, feature: Feature) -> np.ndarray:
+    """(N, width) float32 of a column after the spec's normalisation; missing -> 0."""
     if feature.kind == FeatureKind.EMBEDDING:
         width = int(feature.dim or 1)
         matrix = np.zeros((len(values), width), dtype=np.float64)
@@ -204,16 +233,7 @@ def _numeric_values(values: pl.Series, feature: Feature) -> np.ndarray:
     if not (values.dtype.is_numeric() or values.dtype == pl.Boolean):
         raise SpecError(f"numeric column {feature.name!r} holds {values.dtype}")
     x = values.cast(pl.Float64).to_numpy(allow_copy=True).astype(np.float64)
-    match feature.normalization:
-        case Normalization.STANDARD:
-            x = (x - float(feature.mean or 0.0)) / float(feature.std or 1.0)
-        case Normalization.LOG1P:
-            x = np.sign(x) * np.log1p(np.abs(x))
-        case Normalization.MINMAX:
-            low, high = feature.min_value, feature.max_value
-            if low is not None and high is not None and high > low:
-                x = (x - low) / (high - low)
-    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)[:, None]
+    return normalize(x, feature)[:, None]
 
 
 def tail_matrix(
@@ -244,7 +264,7 @@ def _sequence_codes(
     return tail_matrix(
         values,
         int(feature.max_length or 1),
-        lambda flat: _categorical_codes(flat, owner, encoded),
+        lambda flat: categorical_codes(flat, owner, encoded),
     )
 
 
@@ -275,8 +295,8 @@ def encode_examples(
     owners = {f.name: f for f in columns.categorical}
     categorical = np.zeros((n, len(columns.categorical)), dtype=np.int64)
     for j, feature in enumerate(columns.categorical):
-        categorical[:, j] = _categorical_codes(_column(frame, feature.name), feature, spec.encoded)
-    numeric_parts = [_numeric_values(_column(frame, f.name), f) for f in columns.numeric]
+        categorical[:, j] = categorical_codes(_column(frame, feature.name), feature, spec.encoded)
+    numeric_parts = [numeric_values(_column(frame, f.name), f) for f in columns.numeric]
     numeric = (
         np.concatenate(numeric_parts, axis=1) if numeric_parts else np.zeros((n, 0), np.float32)
     )
