@@ -30,6 +30,8 @@ one (:meth:`ServingState.load`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -44,7 +46,12 @@ from infra.config import RayrecConfig
 from infra.errors import DataValidationError
 from serving.events import EventBatch, EventsAccepted
 from serving.recommender import RequestError, UnknownItem
-from serving.schemas import RecommendationRequest, RecommendationResponse, SimilarItemsResponse
+from serving.schemas import (
+    INT64_MAX,
+    RecommendationRequest,
+    RecommendationResponse,
+    SimilarItemsResponse,
+)
 from serving.service import NotReady, ServedModels, ServingState
 
 DEPLOYMENT = "Recommender"
@@ -53,10 +60,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class BodyLimit:
@@ -80,27 +83,31 @@ class BodyLimit:
             await self._refuse(send)
             return
         seen = 0
-        started = False
+        refused = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    # Answer 413 now; the app sees the client gone and its reply is dropped.
+                    refused = True
+                    await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def guarded(message: Message) -> None:
+            if not refused:
+                await send(message)
 
         try:
-            await self.app(scope, counted, tracked)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(send)
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not refused:
+                raise
 
     async def _refuse(self, send: Send) -> None:
         detail = f"request body larger than {self.max_bytes} bytes (serving.app.max_body_bytes)"
@@ -192,11 +199,15 @@ def build_api(state: ServingState, metrics: Metrics | None = None) -> FastAPI:
         return recommend(request)
 
     @api.get("/v1/recommendations/{user_id}", response_model=RecommendationResponse)
-    def get_recommendations(user_id: int = Path(ge=0), k: int = Query(10, ge=1, le=max_k)) -> Any:
+    def get_recommendations(
+        user_id: int = Path(ge=0, le=INT64_MAX), k: int = Query(10, ge=1, le=max_k)
+    ) -> Any:
         return recommend(RecommendationRequest(user_id=user_id, k=k))
 
     @api.get("/v1/similar-items/{item_id}", response_model=SimilarItemsResponse)
-    def similar_items(item_id: int = Path(ge=0), k: int = Query(10, ge=1, le=max_k)) -> Any:
+    def similar_items(
+        item_id: int = Path(ge=0, le=INT64_MAX), k: int = Query(10, ge=1, le=max_k)
+    ) -> Any:
         try:
             return state.recommender.similar_items(item_id, k)
         except NotReady as exc:
@@ -262,7 +273,15 @@ class RecommenderIngress:
 def build_app(config: RayrecConfig, models: ServedModels) -> serve.Application:
     """The typed application builder: the deployment with ``serving.app``'s options, bound to ``config``."""
     app = config.serving.app
+    bound = config.model_dump(mode="json")
     return RecommenderIngress.options(
+        # A version that changes only with the config the replicas are built from:
+        # without one, every serve.run is a new random version and Serve replaces
+        # the replicas (a rolling restart), where a new user_config alone should
+        # only call reconfigure in place. Serve accepts it from internal callers
+        # only, hence the flag.
+        version=_version(bound),
+        _internal=True,
         num_replicas=app.num_replicas,
         max_ongoing_requests=app.max_ongoing_requests,
         max_queued_requests=app.max_queued_requests,
@@ -272,7 +291,12 @@ def build_app(config: RayrecConfig, models: ServedModels) -> serve.Application:
         health_check_period_s=2.0,
         health_check_timeout_s=10.0,
         graceful_shutdown_timeout_s=5.0,
-    ).bind(config.model_dump(mode="json"))
+    ).bind(bound)
+
+
+def _version(bound: dict[str, Any]) -> str:
+    blob = json.dumps(bound, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def http_options(config: RayrecConfig) -> HTTPOptions:

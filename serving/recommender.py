@@ -44,9 +44,11 @@ import torch
 from features.online_frame import online_frame
 from features.online_store import FeatureRead, OnlineStore, make_online_store
 from infra.config import FeaturesConfig, ServingConfig
+from infra.logs import get_logger
 from models.calibration import click_probabilities
 from models.two_tower import history_rows
 from serving.bundle import ModelBundle, ModelSources
+from serving.candidate_features import CandidateEncoder, UnsupportedFeature
 from serving.catalogue import Catalogue
 from serving.diversity import mmr_order
 from serving.encoding import RETRIEVAL_SCORE, SCORING_POSITION, encode_examples
@@ -59,6 +61,8 @@ from serving.schemas import (
     SimilarItemsResponse,
 )
 from serving.scoring import predict
+
+log = get_logger(__name__)
 
 Clock = Callable[[], dt.datetime]
 
@@ -107,6 +111,14 @@ class Recommender:
         self._n_users = bundle.two_tower.config.n_users
         self._n_items = bundle.two_tower.config.n_items
         self.explorer = Explorer(serving.exploration)
+        # The numpy featurisation (~20x faster than the Polars reference, equal rows; see
+        # serving.candidate_features); a spec it cannot place keeps the reference path.
+        self.encoder: CandidateEncoder | None
+        try:
+            self.encoder = CandidateEncoder.build(bundle, features.windows_days, SCORING_POSITION)
+        except UnsupportedFeature as exc:
+            log.warning("serving.reference_features", reason=str(exc))
+            self.encoder = None
         # (n_items, D) float32 trained item vectors: MMR's similarity and /similar-items.
         with torch.no_grad():
             self.item_vectors = bundle.two_tower.all_item_vectors().float().numpy()
@@ -272,9 +284,12 @@ class Recommender:
     ) -> tuple[np.ndarray, bool]:
         """(M,) calibrated click probabilities of the candidates, and whether a read degraded."""
         reads = self.store.read_items(ids.tolist())
-        frame = self.candidate_frame(user_id, user, ids, scores, ts, reads)
         bundle = self.bundle
-        part = encode_examples(frame, bundle.spec, bundle.columns, labelled=False)
+        if self.encoder is not None:
+            part = self.encoder.encode(user_id, user, ids, scores, reads, ts)
+        else:
+            frame = self.candidate_frame(user_id, user, ids, scores, ts, reads)
+            part = encode_examples(frame, bundle.spec, bundle.columns, labelled=False)
         logits = predict(bundle.reranker.model, part)
         probabilities = click_probabilities(logits, bundle.reranker.calibrator)
         return np.asarray(probabilities, dtype=np.float64), bool(reads["degraded"].any())
@@ -305,12 +320,29 @@ class Recommender:
         return frame.with_columns(pl.Series(RETRIEVAL_SCORE, scores, dtype=pl.Float64))
 
     def _check_features(self) -> None:
-        """Featurise and encode one candidate for an unknown user: a spec naming a column the
-        online path does not make fails here, at load, not on a request."""
+        """Featurise and encode a few candidates for an unknown user by the reference path
+        (a spec naming a column the online path does not make fails here, at load, not on
+        a request) and check the fast path gives the same rows (else it is not used)."""
         user = self.store.read_user(-1)
-        ids = self.catalogue.ids[:1]
-        frame = self.candidate_frame(-1, user, ids, np.zeros(1, np.float32), self.clock())
-        encode_examples(frame, self.bundle.spec, self.bundle.columns, labelled=False)
+        ids = self.catalogue.ids[:8]
+        scores = np.linspace(-1.0, 1.0, ids.size, dtype=np.float32)
+        ts = self.clock()
+        reads = self.store.read_items(ids.tolist())
+        frame = self.candidate_frame(-1, user, ids, scores, ts, reads)
+        reference = encode_examples(frame, self.bundle.spec, self.bundle.columns, labelled=False)
+        if self.encoder is None:
+            return
+        fast = self.encoder.encode(-1, user, ids, scores, reads, ts)
+        same = (
+            torch.equal(fast.categorical, reference.categorical)
+            and torch.allclose(fast.numeric, reference.numeric, atol=1e-5)
+            and all(
+                torch.equal(a, b) for a, b in zip(fast.sequences, reference.sequences, strict=True)
+            )
+        )
+        if not same:
+            log.warning("serving.fast_features_differ: using the reference featurisation")
+            self.encoder = None
 
     def _response(
         self,

@@ -9,7 +9,13 @@ are checked by the recommender, which knows the config.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# Ids are int64 after encoding (features.schemas): anything outside is malformed input.
+INT64_MAX = 2**63 - 1
+EntityId = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 class _Strict(BaseModel):
@@ -30,9 +36,9 @@ class Filters(_Strict):
 class RecommendationRequest(_Strict):
     """One user's request for ``k`` items, minus ``exclude_item_ids`` and what ``filters`` drop."""
 
-    user_id: int
+    user_id: EntityId
     k: int = Field(default=10, ge=1)
-    exclude_item_ids: tuple[int, ...] = ()
+    exclude_item_ids: tuple[EntityId, ...] = ()
     filters: Filters = Filters()
 
 
