@@ -564,7 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="rayrec", standalone_mode=False)
+        # Without standalone mode, click *returns* a typer.Exit's code instead of raising.
+        code = command.main(args=args, prog_name="rayrec", standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            return code
     except typer.Exit as exc:
         return exc.exit_code
     except typer.TyperException as exc:

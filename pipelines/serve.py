@@ -21,6 +21,7 @@ The functions behind ``rayrec serve start|status|reload|stop`` and the end of
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -39,6 +40,8 @@ from serving.bundle import ModelSources
 from serving.service import ServedModels, ServingState
 
 log = get_logger(__name__)
+# One INFO line per status poll would bury the server's own log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class PushRejected(RuntimeError):
@@ -126,23 +129,25 @@ def serve_forever(config: RayrecConfig, stop: threading.Event | None = None) -> 
     ensure_ray(config.ray)
     stop = stop or threading.Event()
     reload_now = threading.Event()
-    try:
-        push(config)
-    except (NotServable, PushRejected) as exc:
-        # Up but not ready (/readyz 503) until a reload finds servable models.
-        log.warning("serve.started_without_models", reason=str(exc))
-        run_app(config, ServedModels.of(None, 0))
-    path = state_file(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": os.getpid(), "url": base_url(config)}))
+    # Signals first, then the state file, then the deployment: a `serve reload`
+    # or `stop` that finds the file must find the handlers too.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda *_: reload_now.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-    poll = config.serving.app.poll_champion_s
-    last_poll = time.monotonic()
-    log.info("serve.running", url=base_url(config), pid=os.getpid())
+    path = state_file(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "url": base_url(config)}))
     try:
+        try:
+            push(config)
+        except (NotServable, PushRejected) as exc:
+            # Up but not ready (/readyz 503) until a reload finds servable models.
+            log.warning("serve.started_without_models", reason=str(exc))
+            run_app(config, ServedModels.of(None, 0))
+        poll = config.serving.app.poll_champion_s
+        last_poll = time.monotonic()
+        log.info("serve.running", url=base_url(config), pid=os.getpid())
         while not stop.wait(0.5):
             due = poll is not None and time.monotonic() - last_poll >= poll
             if not (reload_now.is_set() or due):
