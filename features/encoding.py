@@ -18,6 +18,7 @@ same encoding applies to entities that arrive later (new items).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -65,6 +66,27 @@ class AttributeEncoding:
     categorical: dict[str, tuple[str, ...]] = field(default_factory=dict)
     numeric: dict[str, tuple[float, float]] = field(default_factory=dict)  # mean, std
     multi_hot: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: saved beside a model, so new entities get the training codes."""
+        return {
+            "key": self.key,
+            "categorical": {name: list(vocab) for name, vocab in self.categorical.items()},
+            "numeric": {name: list(stats) for name, stats in self.numeric.items()},
+            "multi_hot": {name: list(vocab) for name, vocab in self.multi_hot.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AttributeEncoding:
+        """The encoding :meth:`to_dict` wrote (column order kept: it is the code order)."""
+        return cls(
+            key=str(raw["key"]),
+            categorical={
+                n: tuple(str(v) for v in vocab) for n, vocab in raw["categorical"].items()
+            },
+            numeric={n: (float(mean), float(std)) for n, (mean, std) in raw["numeric"].items()},
+            multi_hot={n: tuple(str(v) for v in vocab) for n, vocab in raw["multi_hot"].items()},
+        )
 
     def apply(self, table: pl.DataFrame, n: int | None = None) -> AttributeTable:
         """Encode ``table`` (``key`` + attributes); with ``n``, row i is id i (absent ids: missing)."""

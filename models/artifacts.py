@@ -4,6 +4,9 @@ Layout of a model folder::
 
     two_tower.json   TwoTowerConfig + the shapes of both attribute tables
     two_tower.pt     the state dict (weights and attribute buffers), tensors only
+    item_encoding.json  how item attributes were encoded (vocabularies, statistics):
+                     what encodes items that arrive after training for their
+                     content-only vectors; absent for a model without item attributes
 
 Loading rebuilds the network from the JSON and loads the tensors with
 ``weights_only=True``, so a model file cannot run code, and the files load in
@@ -22,13 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from features.encoding import AttributeTable
+from features.encoding import AttributeEncoding, AttributeTable
 from models.calibration import IsotonicCalibration, TemperatureScaling, calibration_from_dict
 from models.moe import FeatureLayout, Reranker, RerankerConfig, SequenceColumn
 from models.two_tower import AttributeEncoder, TwoTowerConfig, TwoTowerModel
 
 CONFIG_FILE = "two_tower.json"
 WEIGHTS_FILE = "two_tower.pt"
+ITEM_ENCODING_FILE = "item_encoding.json"
 FORMAT_VERSION = 1
 
 
@@ -68,6 +72,20 @@ def save_two_tower(model: TwoTowerModel, folder: Path) -> None:
     }
     torch.save(model.state_dict(), folder / WEIGHTS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def save_item_encoding(encoding: AttributeEncoding, folder: Path) -> None:
+    """Write the item attribute encoding beside a model saved in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ITEM_ENCODING_FILE).write_text(json.dumps(encoding.to_dict(), indent=2))
+
+
+def load_item_encoding(folder: Path) -> AttributeEncoding | None:
+    """The item attribute encoding saved beside the model in ``folder``; None when absent."""
+    path = folder / ITEM_ENCODING_FILE
+    if not path.exists():
+        return None
+    return AttributeEncoding.from_dict(json.loads(path.read_text()))
 
 
 def _read_meta(path: Path, what: str) -> dict[str, Any]:

@@ -119,9 +119,6 @@ class Recommender:
         except UnsupportedFeature as exc:
             log.warning("serving.reference_features", reason=str(exc))
             self.encoder = None
-        # (n_items, D) float32 trained item vectors: MMR's similarity and /similar-items.
-        with torch.no_grad():
-            self.item_vectors = bundle.two_tower.all_item_vectors().float().numpy()
         self._check_features()
 
     @classmethod
@@ -213,13 +210,14 @@ class Recommender:
         if k > self.serving.max_k:
             raise RequestError(f"k must be <= {self.serving.max_k} (serving.max_k), got {k}")
         index = self.bundle.index
-        if index.positions_of(np.asarray([item_id]))[0] < 0 or not 0 <= item_id < self._n_items:
+        if index.positions_of(np.asarray([item_id]))[0] < 0:
             raise UnknownItem(f"item {item_id} is not in the served catalogue")
         banned = np.union1d(np.asarray([item_id], dtype=np.int64), self.catalogue.unavailable)
         n = min(k, len(index) - int(np.isin(banned, index.ids).sum()))
         items: tuple[ScoredItem, ...] = ()
         if n > 0:
-            scores, ids = index.search(self.item_vectors[item_id][None, :], n, [banned])
+            # The index's own vector: trained, or content-only for an item newer than the model.
+            scores, ids = index.search(index.reconstruct(np.asarray([item_id])), n, [banned])
             keep = ids[0] >= 0
             items = tuple(
                 ScoredItem(item_id=int(i), score=float(s), retrieval_score=float(s))
@@ -238,10 +236,8 @@ class Recommender:
         if lam is None:
             return np.argsort(-probabilities, kind="stable")
         depth = min(ids.size, max(k, self.serving.exploration.pool))
-        vectors = np.zeros((ids.size, self.item_vectors.shape[1]), dtype=np.float32)
-        known = (ids >= 0) & (ids < self._n_items)
-        vectors[known] = self.item_vectors[ids[known]]
-        return mmr_order(probabilities, vectors, depth, lam)
+        # The vectors retrieval scored (content-only ones for items newer than the model).
+        return mmr_order(probabilities, self.bundle.index.reconstruct(ids), depth, lam)
 
     @torch.no_grad()
     def user_vector(self, user_id: int, history: list[int]) -> np.ndarray:

@@ -236,6 +236,15 @@ class CandidateIndex(ABC):
         at = np.searchsorted(self._sorted_ids, ids).clip(max=self._sorted_ids.size - 1)
         return np.where(self._sorted_ids[at] == ids, self._sorted_pos[at], -1)
 
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """``(n, D)`` float32 stored vectors of ``ids`` (n,); zero rows for ids not indexed."""
+        positions = self.positions_of(np.asarray(ids, dtype=np.int64).reshape(-1))
+        out = np.zeros((positions.size, self.dim), dtype=np.float32)
+        known = positions >= 0
+        if known.any():
+            out[known] = self._vectors_at(positions[known])
+        return out
+
     def resolve_exclude(self, exclude: Exclude, n_queries: int) -> Excluded:
         """``exclude`` as sorted, distinct positions per query; ids not indexed are dropped."""
         indptr, ids = _exclusion_csr(exclude, n_queries)
@@ -305,6 +314,10 @@ class CandidateIndex(ABC):
     @abstractmethod
     def _add_vectors(self, vectors: np.ndarray) -> None:
         """Append validated ``vectors`` (n, D) at positions ``len(self)..len(self)+n-1``."""
+
+    @abstractmethod
+    def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """``(n, D)`` float32 vectors stored at valid ``positions`` (n,)."""
 
     @abstractmethod
     def _stored_count(self) -> int:

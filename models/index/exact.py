@@ -103,6 +103,9 @@ class ExactIndex(CandidateIndex):
     def _add_vectors(self, vectors: np.ndarray) -> None:
         self._vectors = np.concatenate([self._vectors, vectors])
 
+    def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        return self._vectors[positions]
+
     def _stored_count(self) -> int:
         return len(self._vectors)
 

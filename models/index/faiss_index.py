@@ -70,6 +70,10 @@ class _FaissIndex(CandidateIndex):
         for start in range(0, len(vectors), ADD_CHUNK):
             self._index.add(vectors[start : start + ADD_CHUNK])
 
+    def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        # Both kinds keep the float vectors (HNSW's flat storage, IVF's refine index): exact.
+        return self._index.reconstruct_batch(positions)
+
     def _stored_count(self) -> int:
         return int(self._index.ntotal)
 

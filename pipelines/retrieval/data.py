@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from features.encoding import AttributeTable, encode_attributes
+from features.encoding import AttributeEncoding, AttributeTable, encode_attributes
 from features.sketches.cms import cms_estimates, cms_from_events, cms_total_weight
 from features.sources.movielens import read_movielens
 from features.splits import Split, random_split, user_item_matrix
@@ -33,6 +33,9 @@ class RetrievalData:
     Count-Min sketch (the logQ correction); ``seen_for_valid`` excludes
     training items when scoring validation, ``seen_for_test`` training and
     validation items when scoring test (RecBole's protocol).
+    ``item_encoding`` is how item attributes were encoded (None without
+    attributes): saved with the model, it encodes items that arrive later
+    for their content-only vectors.
     """
 
     n_users: int
@@ -47,6 +50,7 @@ class RetrievalData:
     item_probability: np.ndarray
     user_attributes: AttributeTable
     item_attributes: AttributeTable
+    item_encoding: AttributeEncoding | None = None
 
     @property
     def n_train(self) -> int:
@@ -76,10 +80,12 @@ def prepare_retrieval_data(
     seen_valid = matrix(train)
     seen_test = matrix(pl.concat([train, split.valid.select(train.columns)]))
     _, user_attributes = encode_attributes(users, "user_id", n_users)
-    _, item_attributes = encode_attributes(items, "item_id", n_items)
+    item_encoding: AttributeEncoding | None
+    item_encoding, item_attributes = encode_attributes(items, "item_id", n_items)
     if not config.use_attributes:
         user_attributes = AttributeTable.empty(n_users)
         item_attributes = AttributeTable.empty(n_items)
+        item_encoding = None
     return RetrievalData(
         n_users=n_users,
         n_items=n_items,
@@ -93,6 +99,7 @@ def prepare_retrieval_data(
         item_probability=item_probability(train, n_items, sketches),
         user_attributes=user_attributes,
         item_attributes=item_attributes,
+        item_encoding=item_encoding,
     )
 
 

@@ -4,8 +4,10 @@
                      -> Ray Train -> full-ranking test metrics beside a
                      most-popular baseline; publishes ``model/``, metrics, the
                      per-epoch history and plots.
-``index``            item vectors of the trained model -> candidate index
-                     (``models.index``) with its recall against exact search.
+``index``            item vectors of the trained model, plus content-only vectors
+                     of the validated items that arrived after training ->
+                     candidate index (``models.index``) with its recall
+                     against exact search.
 ``register_retrieval`` the model, its index and feature spec to MLflow (a nested
                      run with per-epoch metrics and plots), registered as
                      ``challenger``; ``champion`` only when the gated metric wins.
@@ -17,14 +19,20 @@ import json
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import polars as pl
 import torch
 
 from features.dataset import dataset_kind, read_events, read_table
 from features.splits import make_split
 from infra.ray_runtime import ensure_ray
-from models.artifacts import load_two_tower, save_two_tower
+from models.artifacts import (
+    ITEM_ENCODING_FILE,
+    load_item_encoding,
+    load_two_tower,
+    save_item_encoding,
+    save_two_tower,
+)
+from pipelines.retrieval.cold_start import catalogue_vectors
 from pipelines.retrieval.data import RetrievalData, prepare_retrieval_data
 from pipelines.retrieval.loop import StepInputs, popularity_report, ranking_report
 from pipelines.retrieval.plots import plot_history, plot_recall_at_k
@@ -92,6 +100,8 @@ def run_train_retrieval(ctx: StepContext) -> StepResult:
     popular = popularity_report(data, KS).metrics
     out = Path(ctx.output.local_path())
     save_two_tower(trained.model, out / "model")
+    if data.item_encoding is not None:
+        save_item_encoding(data.item_encoding, out / "model")
     summary = {
         "test": test,
         "test_ci95": intervals,
@@ -136,17 +146,23 @@ def run_index(ctx: StepContext) -> StepResult:
     from models.index import build_index_with_report
 
     model = load_two_tower(trained / "model")
-    with torch.no_grad():
-        vectors = model.all_item_vectors().numpy()
-    ids = np.arange(len(vectors), dtype=np.int64)
+    items_path = ctx.input_path("validate").join("items.parquet")
+    items = read_table(items_path) if items_path.exists() else None
+    # Items that arrived after training are indexed by their attributes alone.
+    catalogue = catalogue_vectors(model, load_item_encoding(trained / "model"), items)
     # Recall is checked on sampled item vectors plus noise (user queries need
     # histories, which live in the online store, not beside the model).
-    index, report = build_index_with_report(ids, vectors, ctx.config.models.index)
+    index, report = build_index_with_report(
+        catalogue.ids, catalogue.vectors, ctx.config.models.index
+    )
     out = Path(ctx.output.local_path())
     index.save(out / "index")
-    (out / "index.json").write_text(json.dumps(report.metrics(prefix=""), indent=2, default=str))
+    summary = {**report.metrics(prefix=""), "content_only_items": catalogue.content_only}
+    if catalogue.skipped is not None:
+        summary["content_only_skipped"] = catalogue.skipped
+    (out / "index.json").write_text(json.dumps(summary, indent=2, default=str))
     return StepResult(
-        row_counts={"items": len(index)},
+        row_counts={"items": len(index), "content_only_items": catalogue.content_only},
         metrics=report.metrics(),
         artifacts=("index.json",),
         extra={"kind": index.kind},
@@ -164,6 +180,9 @@ def run_register_retrieval(ctx: StepContext) -> StepResult:
     history = json.loads((trained / "history.json").read_text())
     gate_value = float(summary["test"][config.gate_metric])
     extra = {"index": Path(ctx.input_path("index").local_path()) / "index"}
+    encoding = trained / "model" / ITEM_ENCODING_FILE
+    if encoding.exists():
+        extra["item_encoding"] = encoding
     spec = Path(ctx.input_path("features").local_path()) / "feature_spec.json"
     if spec.exists():
         extra["feature_spec"] = spec
@@ -202,10 +221,18 @@ TRAIN_RETRIEVAL = Step(
 INDEX = Step(
     name="index",
     run=run_index,
-    description="candidate index of the trained item vectors, with its recall against exact search",
-    inputs=("train_retrieval",),
+    description=(
+        "candidate index of the trained item vectors and content-only vectors of newer items, "
+        "with its recall against exact search"
+    ),
+    inputs=("train_retrieval", "validate"),
     config_keys=("models.index",),
-    code=("models.index", "pipelines.steps.retrieval"),
+    code=(
+        "models.index",
+        "pipelines.retrieval.cold_start",
+        "features.encoding",
+        "pipelines.steps.retrieval",
+    ),
 )
 
 REGISTER_RETRIEVAL = Step(

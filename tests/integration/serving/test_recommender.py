@@ -18,8 +18,10 @@ from features.dataset import read_events, read_table
 from features.online_frame import online_frame
 from features.online_store.sketch_state import popularity_column
 from features.training_frame import build_training_frame
-from infra.config import RayrecConfig, ServingConfig, load_config
+from infra.config import DiversityConfig, RayrecConfig, ServingConfig, load_config
+from models.artifacts import load_item_encoding, load_two_tower
 from models.index import ExactIndex
+from pipelines.retrieval.cold_start import catalogue_vectors
 from pipelines.runner import published
 from pipelines.serving_sources import NotServable, published_sources
 from serving.bundle import BundleError, ModelBundle
@@ -182,7 +184,7 @@ def test_an_unknown_user_gets_the_most_popular_k_with_fallback(recommender: Reco
         [popularity_column(window), "item_id"], descending=[True, False]
     ).get_column("item_id")
     excluded = (int(popular[0]),)
-    for user in (10**9, -5):
+    for user in (10**9, 2**63 - 1):  # past the two-tower; the schema refuses negative ids
         response = recommender.recommend(
             RecommendationRequest(user_id=user, k=K, exclude_item_ids=excluded)
         )
@@ -211,6 +213,53 @@ def test_k_past_the_catalogue_gives_every_eligible_item_once(tiny_run: RayrecCon
             assert set(ids) == expected and min(ids) >= 0
         with pytest.raises(RequestError, match="max_k"):
             recommender.recommend(RecommendationRequest(user_id=user, k=10_001))
+    finally:
+        recommender.close()
+
+
+def test_an_item_newer_than_the_two_tower_is_served_by_its_content_only_vector(
+    tiny_run: RayrecConfig, tmp_path: Path
+) -> None:
+    """Cold start: two items past the trained range with item 3's attributes, indexed
+    content-only as the index step does, answer similar-items (each other first: the same
+    vector), are retrieved and reranked (no online-store rows yet) and pass MMR."""
+    index_json = published(tiny_run, "index").path.join("index.json")  # type: ignore[union-attr]
+    assert json.loads(index_json.read_text())["content_only_items"] == 0  # none newer yet
+    sources = published_sources(tiny_run)
+    model = load_two_tower(sources.two_tower)
+    n = model.config.n_items
+    items = pl.read_parquet(sources.items)
+    twin = items.filter(pl.col("item_id") == 3)
+    new = pl.concat([twin.with_columns(pl.lit(i, pl.Int64).alias("item_id")) for i in (n, n + 1)])
+    catalogue = catalogue_vectors(
+        model, load_item_encoding(sources.two_tower), pl.concat([items, new])
+    )
+    assert catalogue.content_only == 2
+    ExactIndex(catalogue.ids, catalogue.vectors).save(tmp_path / "index")
+    pl.concat([items, new]).write_parquet(tmp_path / "items.parquet")
+    serving = ServingConfig(
+        candidates=10_000, max_k=10_000, diversity=DiversityConfig(mmr_lambda=0.5)
+    )
+    as_of = _as_of(tiny_run)
+    recommender = Recommender.load(
+        dataclasses.replace(sources, index=tmp_path / "index", items=tmp_path / "items.parquet"),
+        serving,
+        tiny_run.features,
+        tiny_run.paths.workdir,
+        clock=lambda: as_of,
+    )
+    try:
+        similar = recommender.similar_items(n, k=3)
+        assert similar.items[0].item_id == n + 1
+        assert similar.items[0].score == pytest.approx(1.0, abs=1e-5)
+        assert n in {i.item_id for i in recommender.similar_items(n + 1, k=3).items}
+        user = _known_users(recommender, 1)[0]
+        k = len(recommender.catalogue)
+        response = recommender.recommend(RecommendationRequest(user_id=user, k=k))
+        assert response.reranked and not response.fallback
+        by_id = {i.item_id: i for i in response.items}
+        assert {n, n + 1} <= set(by_id)
+        assert all(0.0 <= by_id[i].score <= 1.0 for i in (n, n + 1))
     finally:
         recommender.close()
 

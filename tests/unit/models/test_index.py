@@ -212,6 +212,27 @@ def test_add_makes_a_new_item_retrievable(
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf"])
+def test_reconstruct_gives_the_stored_vectors_by_id(
+    kind: str, tmp_path: Path, catalogue: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> None:
+    """What serving reads back for MMR and similar items: exact float vectors (both Faiss
+    kinds keep them), also for an added item and after a reload; zeros for unknown ids."""
+    ids, vectors, _ = catalogue
+    n = 4_000
+    config = IndexConfig(kind=kind, hnsw_m=8, hnsw_ef_construction=32, ivf_nlist=32)  # type: ignore[arg-type]
+    # Ids given in descending order: positions differ from id order for the Faiss kinds.
+    index = build_index(ids[:n][::-1].copy(), vectors[:n][::-1].copy(), config)
+    index.add(np.array([5]), vectors[n : n + 1])
+    index.save(tmp_path / kind)
+    asked = np.array([5, ids[0], 6, ids[n - 1]])  # ids are 3i + 7: 6 is none of them
+    expected = np.stack([vectors[n], vectors[0], np.zeros(DIM, np.float32), vectors[n - 1]])
+    for loaded in (index, load_index(tmp_path / kind)):
+        got = loaded.reconstruct(asked)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivf"])
 def test_save_load_round_trip(
     kind: str,
     tmp_path: Path,
