@@ -191,7 +191,7 @@ def build_api(state: ServingState, metrics: Metrics | None = None) -> FastAPI:
             metrics.request("recommendations", 422)
             return _error(422, str(exc))
         metrics.request("recommendations", 200, response.fallback)
-        metrics.stages(response.timings_ms, len(response.items))
+        metrics.stages(response.timings_ms, response.candidates)
         return response
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse)

@@ -180,7 +180,9 @@ class Recommender:
                 ScoredItem(item_id=int(i), score=float(s), retrieval_score=float(s))
                 for i, s in zip(ids[top], scores[top], strict=True)
             )
-            return self._response(request, items, False, False, user.degraded, timings, started)
+            return self._response(
+                request, items, False, False, user.degraded, timings, started, ids.size
+            )
 
         mark = time.perf_counter()
         probabilities, degraded = self._rerank(request.user_id, user, ids, scores, ts)
@@ -198,7 +200,7 @@ class Recommender:
             for j, p in zip(slate.order, slate.propensities, strict=True)
         )
         return self._response(
-            request, items, False, True, user.degraded or degraded, timings, started
+            request, items, False, True, user.degraded or degraded, timings, started, ids.size
         )
 
     def similar_items(self, item_id: int, k: int) -> SimilarItemsResponse:
@@ -349,6 +351,7 @@ class Recommender:
         degraded: bool,
         timings: dict[str, float],
         started: float,
+        candidates: int = 0,
     ) -> RecommendationResponse:
         timings["total"] = _ms(started)
         return RecommendationResponse(
@@ -362,6 +365,7 @@ class Recommender:
             degraded=degraded,
             model_versions=self.bundle.versions,
             timings_ms=timings,
+            candidates=candidates,
         )
 
 

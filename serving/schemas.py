@@ -80,6 +80,8 @@ class RecommendationResponse(_Strict):
     degraded: bool
     model_versions: dict[str, str]
     timings_ms: dict[str, float]
+    # Candidates retrieval returned for this answer (0 in a fallback answer).
+    candidates: int = 0
 
 
 class SimilarItemsResponse(_Strict):

@@ -160,7 +160,7 @@ def test_malformed_json_and_oversized_bodies(app: RunningApp) -> None:
 
 def test_unknown_user_gets_k_popular_items(app: RunningApp) -> None:
     body = app.client.get("/v1/recommendations/987654?k=7").json()
-    assert body["fallback"] is True
+    assert body["fallback"] is True and body["candidates"] == 0
     assert len(body["items"]) == 7
     assert len({item["item_id"] for item in body["items"]}) == 7
 
