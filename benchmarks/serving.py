@@ -12,17 +12,17 @@ Protocol:
   Built by the pipeline itself (untracked, up to ``finetune_ranker``,
   ``index`` and ``materialize``) in ``--workdir``; a rerun with the same
   config and code skips every step (``world_build_s`` then is the check only).
-- Requests: ``GET /v1/recommendations/{user_id}?k=K``, users drawn (seeded)
-  from those the online store holds and the two-tower was trained on (the
-  personalised path) and, with probability ``--unknown-share``, ids nobody
-  has (the popularity fallback, ``fallback: true``); the answered fallback
-  share is reported.
+- Requests: ``GET /v1/recommendations/{user_id}?k=K``, users drawn (seeded) from
+  those the online store holds and the two-tower was trained on (the
+  personalised path) and, with probability ``--unknown-share``, ids nobody has
+  (the popularity fallback, ``fallback: true``); the answered fallback share
+  is reported.
 - Floor and baseline: the same request path called in process
   (:meth:`serving.recommender.Recommender.recommend` on the same published
-  models and online store, the same clock), no HTTP, no Serve, no Ray
-  running: ``--inprocess-requests`` sequential requests of the same mix. The
-  HTTP p50 at the lowest rate over the in-process p50 is what the proxy, HTTP
-  and the replica hop add.
+  models and online store, the same clock), no HTTP, no Serve, no Ray running:
+  ``--inprocess-requests`` sequential requests of the same mix. The HTTP p50
+  at the lowest rate over the in-process p50 is what the proxy, HTTP and the
+  replica hop add.
 - Served: a fresh local Ray started here (``num_cpus=2``), the app deployed by
   :func:`serving.app.run_app` on a free port of 127.0.0.1 with the config's
   ``serving.app`` (one replica, 1 CPU, its queue bounds), ready once
@@ -31,21 +31,28 @@ Protocol:
   aiohttp, a keep-alive pool of ``--connections``) sends at each fixed rate,
   open loop: request i is due at ``t0 + i / rate`` (``--arrivals poisson``:
   exponential gaps) and goes out then whether or not earlier ones were
-  answered; its latency runs from the due time, so time queued in the
-  client, the pool, the proxy or the replica counts. ``--duration`` s per
-  rate (at most 60), after a discarded ``--warmup`` s at the lowest rate. A
-  request fails on a status other than 200, no answer within ``--timeout`` s,
-  a connection error, or a 200 without k items. ``p50_ms``/``p99_ms`` are over
+  answered; its latency runs from the due time, so time queued in the client,
+  the pool, the proxy or the replica counts. ``--duration`` s per rate (at
+  most 60), after a discarded ``--warmup`` s at the lowest rate. A request
+  fails on a status other than 200, no answer within ``--timeout`` s, a
+  connection error, or a 200 without k items. ``p50_ms``/``p99_ms`` are over
   the answered requests, ``error_rate`` is failures / sent, ``achieved_qps``
-  the answered requests per second from the first due time to the last
-  answer. The client shares the 2 cores with Ray: its own dispatch lag
-  (sent minus due) is reported as ``send_lag_p99_ms``.
+  the answered requests per second from the first due time until every request
+  has its outcome. The client shares the 2 cores with Ray: its own dispatch
+  lag (sent minus due, ``send_lag_p99_ms``) and CPU share
+  (``client_cpu_share``) are reported. Per rate, the CPU time of this run's
+  processes (from /proc: the replica, the proxy, the rest of Ray) per answered
+  request, and the machine's busy time that was not ours
+  (``foreign_cpu_share``, with the other Ray instances running): shared
+  machines drift, and a run beside someone's test suite is not a capacity
+  figure.
 - A rate holds when its p99 <= 50 ms and nothing failed. Issue 6's bar: 100
   requests/s holds; ``max_rate_holding_p99_50ms`` is the highest rate that
-  holds with every lower rate holding too. Also reported per rate: the replica's own time per
-  request (``timings_ms.total`` of the answers) and the share of personalised
-  answers served in retrieval order because the request was already past
-  ``serving.deadline_ms`` at the rerank (``not_reranked_share``).
+  holds with every lower rate holding too. Also reported per rate: the
+  replica's own time per request (``timings_ms.total`` of the answers) and the
+  share of personalised answers served in retrieval order because the request
+  was already past ``serving.deadline_ms`` at the rerank
+  (``not_reranked_share``).
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import statistics
@@ -117,6 +125,7 @@ async def open_loop(spec: dict[str, Any]) -> dict[str, Any]:
     """Send ``rate * duration_s`` requests at their due times; per-request outcomes summarised."""
     import aiohttp
 
+    cpu_start = time.process_time()
     rate, k = float(spec["rate"]), int(spec["k"])
     n = max(1, round(rate * float(spec["duration_s"])))
     due = due_offsets(rate, n, spec["arrivals"], int(spec["seed"]))
@@ -162,7 +171,10 @@ async def open_loop(spec: dict[str, Any]) -> dict[str, Any]:
             tasks.append(asyncio.create_task(one(path, t0 + offset)))
         await asyncio.gather(*tasks)
         span = loop.time() - t0
-    return summarise(records, rate, n, span, spec)
+    summary = summarise(records, rate, n, span, spec)
+    summary["client_cpu_share"] = (time.process_time() - cpu_start) / span
+    summary["loadavg_1m_after"] = os.getloadavg()[0]
+    return summary
 
 
 def summarise(
@@ -285,6 +297,77 @@ def in_process(recommender: Any, users: list[int], k: int, warmup: int) -> dict[
     }
 
 
+def raylets() -> int:
+    """Raylet processes on this machine: each is a Ray instance (others' ones compete for the cores)."""
+    count = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            count += comm.read_text().strip() == "raylet"
+        except OSError:
+            continue
+    return count
+
+
+def _proc_stat(pid: str) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds) of a process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _role(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "ray_other"
+    for needle, role in (("ServeReplica", "replica"), ("ProxyActor", "proxy")):
+        if needle in cmdline:
+            return role
+    return "client" if "--load-client" in cmdline else "ray_other"
+
+
+def cpu_sample() -> dict[str, float]:
+    """CPU seconds so far of this driver's descendants by role (replica, proxy, client,
+    ray_other: controller, raylet, GCS, idle workers), and the machine's busy and total
+    seconds over all cores (/proc/stat)."""
+    stats = {pid: _proc_stat(pid) for pid in (p.name for p in Path("/proc").glob("[0-9]*"))}
+    parents = {int(pid): st[0] for pid, st in stats.items() if st is not None}
+    root = os.getpid()
+    out = {"replica": 0.0, "proxy": 0.0, "client": 0.0, "ray_other": 0.0}
+    for pid, st in stats.items():
+        if st is None or int(pid) == root:
+            continue
+        ancestor, seen = parents.get(int(pid)), 0
+        while ancestor not in (None, 0, 1, root) and seen < 64:
+            ancestor, seen = parents.get(ancestor), seen + 1
+        if ancestor == root:
+            out[_role(int(pid))] += st[1]
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    out["machine_total"] = sum(ticks[:8]) / hz
+    out["machine_busy"] = (sum(ticks[:8]) - ticks[3] - ticks[4]) / hz
+    return out
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], answered: int) -> dict[str, float]:
+    """Where the CPU went over one rate: ms per answered request by role, and shares of the
+    machine's capacity (``foreign_cpu_share``: busy time that was not ours)."""
+    delta = {key: after[key] - before[key] for key in before}
+    total = max(delta["machine_total"], 1e-9)
+    ours = sum(delta[r] for r in ("replica", "proxy", "client", "ray_other"))
+    out = {
+        f"cpu_ms_per_answer_{r}": delta[r] * 1e3 / answered if answered else None
+        for r in ("replica", "proxy", "ray_other")
+    }
+    out["our_cpu_share"] = ours / total
+    out["machine_busy_share"] = delta["machine_busy"] / total
+    out["foreign_cpu_share"] = max(0.0, delta["machine_busy"] - ours) / total
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -367,7 +450,10 @@ def served_rates(
                 print(f"warm-up {warm['rate']:g} req/s: p50 {warm['p50_ms']} ms", flush=True)
             for rate in args.rates:
                 time.sleep(1.0)  # let the previous rate's queue drain
+                before = cpu_sample()
                 result = run_client(url, rate, args.duration, users, args, Path(tmp))
+                result.update(cpu_use(before, cpu_sample(), result["answered"]))
+                result["other_ray_instances_after"] = raylets() - 1
                 rates[f"{rate:g}"] = result
                 print(
                     f"{rate:g} req/s: p50 {_f(result['p50_ms'])} ms, p99 {_f(result['p99_ms'])} ms, "
@@ -439,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.serving_sources import published_sources
     from serving.recommender import Recommender
 
+    busy = {"loadavg_1m_at_start": os.getloadavg()[0], "other_ray_instances_at_start": raylets()}
     config = world_config(args, free_port())
     build_s, steps = build_world(config)
     if ray.is_initialized():  # the training steps started one; the floor runs without it
@@ -484,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "serving_app": config.serving.app.model_dump(mode="json"),
         "deadline_ms": config.serving.deadline_ms,
         "deploy_s": served["deploy_s"],
+        **busy,
         **floor,
         "rates": rates,
         "http_p50_over_inprocess_p50": (
@@ -511,18 +599,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'rate':>6}{'achieved':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}"
-        f"{'srv p50':>9}{'srv p99':>9}{'lag p99':>9}{'fallback':>10}{'no rerank':>11}  holds"
+        f"{'srv p50':>9}{'srv p99':>9}{'fallback':>10}{'no rerank':>11}  holds"
     )
     for rate, v in rates.items():
         print(
             f"{rate:>6}{v['achieved_qps']:>10.1f}{_f(v['p50_ms']):>9}{_f(v['p99_ms']):>9}"
             f"{_f(v['max_ms']):>9}{v['error_rate']:>8.3f}{_f(v['server_p50_ms']):>9}"
-            f"{_f(v['server_p99_ms']):>9}{_f(v['send_lag_p99_ms']):>9}"
-            f"{_f(v['fallback_share'], 2):>10}{_f(v['not_reranked_share'], 2):>11}  "
-            f"{'yes' if holds(v) else 'no'}"
+            f"{_f(v['server_p99_ms']):>9}{_f(v['fallback_share'], 2):>10}"
+            f"{_f(v['not_reranked_share'], 2):>11}  {'yes' if holds(v) else 'no'}"
         )
         if v["errors"]:
             print(f"{'':>6}errors: {v['errors']}")
+    print(
+        f"\nCPU per answered request (ms) and shares of the {os.cpu_count()} cores, by rate\n"
+        f"{'rate':>6}{'replica':>9}{'proxy':>9}{'ray other':>11}{'ours':>7}{'client':>8}"
+        f"{'foreign':>9}{'lag p99 ms':>12}"
+    )
+    for rate, v in rates.items():
+        print(
+            f"{rate:>6}{_f(v['cpu_ms_per_answer_replica']):>9}{_f(v['cpu_ms_per_answer_proxy']):>9}"
+            f"{_f(v['cpu_ms_per_answer_ray_other']):>11}{v['our_cpu_share']:>7.2f}"
+            f"{v['client_cpu_share'] / (os.cpu_count() or 1):>8.2f}{v['foreign_cpu_share']:>9.2f}"
+            f"{_f(v['send_lag_p99_ms']):>12}"
+        )
+    others = max(v["other_ray_instances_after"] for v in rates.values())
+    foreign = max(v["foreign_cpu_share"] for v in rates.values())
+    if busy["other_ray_instances_at_start"] or others or foreign > 0.1:
+        print(
+            f"note: the machine was not idle (up to {foreign:.0%} of its CPU used by others "
+            f"during a rate; other Ray instances: {busy['other_ray_instances_at_start']} at "
+            f"start, up to {others} after a rate): the times include their work"
+        )
     ratio = result["http_p50_over_inprocess_p50"]
     print(
         f"HTTP p50 at {min(args.rates):g} req/s / in-process p50: {_f(ratio, 2)}x; "
