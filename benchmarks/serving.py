@@ -423,10 +423,11 @@ def served_rates(
     import ray
     from ray import serve
 
-    from serving.app import run_app
+    from serving.app import ingress_environment, run_app
     from serving.service import ServedModels
 
     app = config.serving.app
+    ingress_environment(config)  # serving.app.proxy: HAProxy or Serve's Python proxy
     url = f"http://{app.host}:{app.port}"
     memory = config.ray.object_store_memory_mb
     ray.init(
@@ -559,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "catalogue_items": catalogue,
         "candidates": config.serving.candidates,
+        "proxy": config.serving.app.proxy,
+        "replicas": config.serving.app.num_replicas,
         "k": args.k,
         "world": [*WORLD, *args.set],
         "workdir": args.workdir,

@@ -124,8 +124,9 @@ def serve_forever(config: RayrecConfig, stop: threading.Event | None = None) -> 
     from ray import serve
 
     from infra.ray_runtime import ensure_ray
-    from serving.app import run_app
+    from serving.app import ingress_environment, run_app
 
+    ingress_environment(config)
     ensure_ray(config.ray)
     stop = stop or threading.Event()
     reload_now = threading.Event()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -307,6 +308,15 @@ def http_options(config: RayrecConfig) -> HTTPOptions:
         port=app.port,
         request_timeout_s=app.request_timeout_s,
     )
+
+
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def ingress_environment(config: RayrecConfig) -> None:
+    """Set the environment Serve reads for ``serving.app.proxy``; call before a local Ray starts
+    (Ray's processes inherit it; a running cluster keeps its own)."""
+    os.environ[HAPROXY_FLAG] = "1" if config.serving.app.proxy == "haproxy" else "0"
 
 
 def run_app(config: RayrecConfig, models: ServedModels, timeout_s: float = 120.0) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from features.event_log import EventLog
@@ -85,6 +86,8 @@ class ServingState:
     """The replica's online store, current :class:`Recommender` and load history."""
 
     def __init__(self, config: RayrecConfig, clock: Clock = utc_now) -> None:
+        # One request scores ~N rows: thread fan-out costs more than it saves (config comment).
+        torch.set_num_threads(config.serving.torch_threads)
         self.config = config
         self.clock = clock
         self.store: OnlineStore = make_online_store(config.features, config.paths.workdir)

@@ -37,9 +37,12 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole test session (starting Ray costs seconds)."""
     import ray
 
-    from infra.config import RayConfig
+    from infra.config import RayConfig, RayrecConfig
     from infra.ray_runtime import ensure_ray
+    from serving.app import ingress_environment
 
+    # Serve apps in the session get the default ingress (serving.app.proxy), as users do.
+    ingress_environment(RayrecConfig())
     ensure_ray(RayConfig(num_cpus=2, object_store_memory_mb=256))
     yield
     ray.shutdown()
