@@ -93,6 +93,17 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     assert len(scored) == 50 and scored["probability"].between(0, 1).all()
     assert scored["rating"].between(0, 6).all()
 
+    # Serving reads both champions from the registry (serving.models_from: champion).
+    from pipelines.serving_sources import champion_sources
+    from serving.bundle import ModelBundle
+
+    sources = champion_sources(config)
+    ranker_name = config.models.ranker.registered_model
+    assert sources.versions["reranker"] == f"{ranker_name}/v{ranker_registered['version']}"
+    bundle = ModelBundle.load(sources)
+    assert len(bundle.index) == bundle.two_tower.config.n_items
+    assert champion_sources(config) == sources  # downloaded once per version
+
     capsys.readouterr()
     assert main(args) == 0
     assert {s["status"] for s in list_runs(config)[0]["steps"]} == {"skipped"}
