@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from infra.errors import ConfigError
 
@@ -677,6 +684,90 @@ class ServingConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- monitoring
+
+
+class SmtpConfig(Section):
+    """Where alert e-mails go. Secrets come from the environment, e.g.
+    ``RAYREC_MONITORING__ALERTS__SMTP__PASSWORD``; the password is a ``SecretStr``,
+    masked wherever the config is printed or logged."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=25, ge=1, le=65535)
+    # none: plain SMTP (a local relay); starttls: upgrade on the plain port (587);
+    # ssl: TLS from the first byte (465).
+    security: Literal["none", "starttls", "ssl"] = "none"
+    user: str | None = None
+    password: SecretStr | None = None
+    sender: str = "rayrec-monitoring@localhost"
+    recipients: tuple[str, ...] = ()
+    timeout_s: float = Field(default=10.0, gt=0.0)
+
+
+class AlertConfig(Section):
+    """Drift alert e-mails: sent once per (monitor, window, finding), retried, never lost."""
+
+    enabled: bool = True
+    smtp: SmtpConfig = SmtpConfig()
+    # The same finding of the same monitor is not mailed again within this time,
+    # even for a new window: one e-mail per drift, not one per day of it.
+    cooldown_hours: float = Field(default=24.0, ge=0.0)
+    # Attempts per e-mail, with exponential backoff from backoff_s.
+    attempts: int = Field(default=3, ge=1)
+    backoff_s: float = Field(default=1.0, ge=0.0)
+    # When every attempt fails the alert goes to the dead-letter file and the
+    # monitoring run fails (``fail``: a scheduler sees it) or only warns.
+    on_smtp_failure: Literal["fail", "warn"] = "fail"
+    # None: <workdir>/monitoring/dead_letter.jsonl
+    dead_letter: str | None = None
+    # Base URL the e-mail links reports under (None: the report's local path).
+    report_base_url: str | None = None
+    # The full Evidently HTML can be several MB: attach it only below this size.
+    max_attachment_kb: int = Field(default=512, ge=0)
+
+
+class DriftTestConfig(Section):
+    """Evidently's statistical test per column type and window size, and its threshold.
+
+    Small windows use tests with p-values (KS for numbers, chi-squared for
+    categories: significant at ``p < threshold``); large ones use distances
+    (Wasserstein normalised by the reference's std, Jensen-Shannon), since any
+    difference is significant with enough rows.
+    """
+
+    large_window_rows: int = Field(default=1_000, ge=1)
+    numeric_small: str = "ks"
+    numeric_large: str = "wasserstein"
+    categorical_small: str = "chisquare"
+    categorical_large: str = "jensenshannon"
+    p_value_threshold: float = Field(default=0.05, gt=0.0, lt=1.0)
+    distance_threshold: float = Field(default=0.1, gt=0.0)
+    # Per-column overrides of the threshold, by feature name.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+
+class MonitoringConfig(Section):
+    """Reference profiles, drift windows, checks and alerts (:mod:`monitoring`)."""
+
+    # Length of one current window.
+    window_days: int = Field(default=1, ge=1)
+    # Rows of features and predictions kept in the reference profile saved
+    # beside a model (a seeded sample; sketches cover the whole data).
+    reference_rows: int = Field(default=50_000, ge=100)
+    # Rows of a current window Evidently sees: a seeded uniform sample above it
+    # (Evidently costs ~3.6 s per column per million rows here).
+    max_window_rows: int = Field(default=100_000, ge=100)
+    drift: DriftTestConfig = DriftTestConfig()
+    # Share of features drifted that makes the data-drift finding.
+    drifted_share_alert: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Concept drift: a metric's bootstrap CI must exclude the reference value.
+    concept_min_labels: int = Field(default=500, ge=10)
+    concept_ci: float = Field(default=0.95, gt=0.5, lt=1.0)
+    alerts: AlertConfig = AlertConfig()
+    # `rayrec monitor ui` (the Evidently workspace): not 8000 (Serve's default).
+    ui_port: int = Field(default=8700, ge=1, le=65535)
+
+
 class PipelineConfig(Section):
     name: str = "main"
     # Published versions kept per step output (older ones are deleted).
@@ -698,6 +789,7 @@ class RayrecConfig(Section):
     features: FeaturesConfig = FeaturesConfig()
     models: ModelsConfig = ModelsConfig()
     serving: ServingConfig = ServingConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
