@@ -1,7 +1,9 @@
 """The append-only event log: what serving writes and training and monitoring read.
 
 Canonical ``events`` rows (:data:`features.schemas.EVENTS`), Parquet, one
-folder per UTC date of ``ts``::
+folder per UTC date of ``ts``; the same log over another contract with a
+``ts`` column (``EventLog(root, PREDICTIONS)``: serving's prediction log)
+works the same way::
 
     <root>/date=2026-01-02/part-20260102T235959123456Z-<batch uuid>.parquet
     <root>/date=2026-01-03/part-20260102T235959123456Z-<batch uuid>.parquet
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.schemas import EVENTS, check_schema
+from features.schemas import EVENTS, TableContract, check_schema
 from features.validation import ValidationRules, validate_table
 from infra.errors import ConfigError, DataValidationError
 from infra.storage import StoragePath
@@ -69,7 +71,9 @@ class BatchState(StrEnum):
     ABORTED = "aborted"
 
 
-def check_events(events: pl.DataFrame, where: str = "event log") -> pl.DataFrame:
+def check_events(
+    events: pl.DataFrame, where: str = "event log", contract: TableContract = EVENTS
+) -> pl.DataFrame:
     """``events`` in contract column order, or :class:`DataValidationError` naming the problem.
 
     ``events`` (n rows) must hold exactly the :data:`~features.schemas.EVENTS`
@@ -80,25 +84,27 @@ def check_events(events: pl.DataFrame, where: str = "event log") -> pl.DataFrame
     ids >= 0, ``event_type`` one of the enum, ``propensity`` in [0, 1], ``ts``
     from 1990 to one day after now); the error quotes the first bad rows' reasons.
     """
-    missing = [c for c in EVENTS.columns if c.name not in events.columns]
+    missing = [c for c in contract.columns if c.name not in events.columns]
     if missing:
         col = missing[0]
         raise DataValidationError(
             f"{where}: column {col.name!r} is missing (expected {col.dtype}); the log takes "
-            f"frames in the canonical events schema (features.schemas.EVENTS), found {events.columns}"
+            f"frames in the canonical {contract.name} schema (features.schemas), "
+            f"found {events.columns}"
         )
-    extra = [c for c in events.columns if c not in EVENTS.names]
+    extra = [c for c in events.columns if c not in contract.names]
     if extra:
         raise DataValidationError(
-            f"{where}: unexpected column(s) {', '.join(repr(c) for c in extra)}; the events "
-            f"contract has exactly {EVENTS.names}"
+            f"{where}: unexpected column(s) {', '.join(repr(c) for c in extra)}; the "
+            f"{contract.name} contract has exactly {contract.names}"
         )
-    check_schema(events.schema, EVENTS, where)
-    result = validate_table(events, EVENTS, ValidationRules())
+    check_schema(events.schema, contract, where)
+    result = validate_table(events, contract, ValidationRules())
     if result.quarantined.height:
         reasons = result.quarantined.get_column("_reason").head(3).to_list()
         raise DataValidationError(
-            f"{where}: {result.quarantined.height:,} of {events.height:,} rows break the events "
+            f"{where}: {result.quarantined.height:,} of {events.height:,} rows break the "
+            f"{contract.name} "
             f"contract, e.g. rows {result.quarantined.get_column('_source_row').head(3).to_list()}: "
             + " | ".join(reasons)
         )
@@ -166,7 +172,10 @@ class EventLog:
     its own uuid, staging folder and part names) and for readers meanwhile.
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, contract: TableContract = EVENTS) -> None:
+        if "ts" not in contract.names:
+            raise ValueError(f"{contract.name}: a log is partitioned by ts, the contract has none")
+        self.contract = contract
         text = os.fspath(root)
         # Checked before resolving: opening an s3:// filesystem already calls the network.
         if "://" in text and not text.startswith("file://"):
@@ -192,7 +201,7 @@ class EventLog:
         part. Raises :class:`DataValidationError` (nothing written) when the
         frame breaks the contract. An empty frame stages a batch of no parts.
         """
-        frame = check_events(events)
+        frame = check_events(events, f"{self.contract.name} log {self.root}", self.contract)
         batch_id = uuid.uuid4().hex
         staged = StagedBatch(self, batch_id, frame.height, [])
         if frame.height == 0:
@@ -274,9 +283,9 @@ class EventLog:
         """
         files = self.parts(start, end)
         if not files:
-            return pl.DataFrame(schema=EVENTS.polars_schema)
-        frame = pl.read_parquet(files).select(EVENTS.names)
-        check_schema(frame.schema, EVENTS, f"event log {self.root}")
+            return pl.DataFrame(schema=self.contract.polars_schema)
+        frame = pl.read_parquet(files).select(self.contract.names)
+        check_schema(frame.schema, self.contract, f"{self.contract.name} log {self.root}")
         return frame
 
 

@@ -122,6 +122,32 @@ ITEMS = TableContract(
     id_columns=("item_id",),
 )
 
+# What serving answered, one row per shown item (serving.prediction_log writes it,
+# monitoring reads it; joined with events on request_id and item_id).
+PREDICTIONS = TableContract(
+    name="predictions",
+    columns=(
+        ColumnContract("request_id", pl.Int64(), min_value=0, description="the answer's id"),
+        ColumnContract("ts", TS_DTYPE, description="when it was answered, UTC"),
+        ColumnContract("user_id", pl.Int64(), min_value=0),
+        ColumnContract("item_id", pl.Int64(), min_value=0),
+        ColumnContract("position", pl.Int32(), min_value=0, description="0-based slot"),
+        ColumnContract(
+            "score",
+            pl.Float64(),
+            description="calibrated click probability (reranked), retrieval score, or popularity",
+        ),
+        ColumnContract("retrieval_score", pl.Float64(), nullable=True),
+        ColumnContract("propensity", pl.Float64(), min_value=0.0, max_value=1.0),
+        ColumnContract("fallback", pl.Boolean(), description="popularity answer"),
+        ColumnContract("reranked", pl.Boolean(), description="ordered by the reranker"),
+        ColumnContract("generation", pl.Int64(), nullable=True, description="model push"),
+        ColumnContract("reranker_version", pl.String(), nullable=True),
+        ColumnContract("two_tower_version", pl.String(), nullable=True),
+    ),
+    allow_extra=False,
+)
+
 # raw id (as a string, whatever its original type) <-> encoded int64 id, per entity.
 ID_MAP = TableContract(
     name="id_map",

@@ -670,6 +670,14 @@ class ServingConfig(Section):
     # Where POST /v1/events appends (Parquet, one folder per UTC date); None:
     # <workdir>/event_log. Training and monitoring read it.
     event_log: str | None = None
+    # Where every answer's rows go for monitoring (Parquet by UTC date, as the
+    # event log); None: <workdir>/prediction_log. Written from a buffer in the
+    # background every prediction_log_flush_s or prediction_log_flush_rows rows
+    # (a replica that dies loses at most that much; monitoring samples anyway).
+    prediction_log: str | None = None
+    record_predictions: bool = True
+    prediction_log_flush_s: float = Field(default=10.0, gt=0.0)
+    prediction_log_flush_rows: int = Field(default=10_000, ge=1)
     exploration: ExplorationConfig = ExplorationConfig()
     diversity: DiversityConfig = DiversityConfig()
     app: ServeAppConfig = ServeAppConfig()

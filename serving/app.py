@@ -184,7 +184,7 @@ def build_api(state: ServingState, metrics: Metrics | None = None) -> FastAPI:
 
     def recommend(request: RecommendationRequest) -> RecommendationResponse | JSONResponse:
         try:
-            response = state.recommender.recommend(request)
+            response = state.recommend(request)
         except NotReady as exc:
             metrics.request("recommendations", 503)
             return _error(503, f"not ready: {exc}")

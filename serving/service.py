@@ -30,11 +30,14 @@ from pydantic import BaseModel, ConfigDict
 
 from features.event_log import EventLog
 from features.online_store import OnlineStore, make_online_store
+from features.schemas import PREDICTIONS
 from infra.config import RayrecConfig
 from infra.logs import get_logger
 from serving.bundle import ModelBundle, ModelSources
 from serving.events import EventIngest
+from serving.prediction_log import PredictionRecorder
 from serving.recommender import Clock, Recommender, utc_now
+from serving.schemas import RecommendationRequest, RecommendationResponse
 
 log = get_logger(__name__)
 
@@ -92,6 +95,13 @@ class ServingState:
         self.clock = clock
         self.store: OnlineStore = make_online_store(config.features, config.paths.workdir)
         self.events = EventIngest(self.store, EventLog(event_log_path(config)), clock)
+        self.predictions: PredictionRecorder | None = None
+        if config.serving.record_predictions:
+            self.predictions = PredictionRecorder(
+                EventLog(prediction_log_path(config), PREDICTIONS),
+                config.serving.prediction_log_flush_rows,
+                config.serving.prediction_log_flush_s,
+            )
         self._recommender: Recommender | None = None
         self._models: ServedModels | None = None
         self.generation: int | None = None
@@ -174,13 +184,30 @@ class ServingState:
             },
         }
 
+    def recommend(self, request: RecommendationRequest) -> RecommendationResponse:
+        """The current generation's answer (:class:`NotReady` before one), recorded in the
+        prediction log."""
+        recommender = self.recommender
+        generation = self.generation
+        response = recommender.recommend(request)
+        if self.predictions is not None:
+            self.predictions.record(response, generation, self.clock())
+        return response
+
     def close(self) -> None:
+        if self.predictions is not None:
+            self.predictions.close()
         self.store.close()
 
 
 def event_log_path(config: RayrecConfig) -> str:
     """``serving.event_log``, or ``<workdir>/event_log``."""
     return config.serving.event_log or f"{config.paths.workdir.rstrip('/')}/event_log"
+
+
+def prediction_log_path(config: RayrecConfig) -> str:
+    """``serving.prediction_log``, or ``<workdir>/prediction_log``."""
+    return config.serving.prediction_log or f"{config.paths.workdir.rstrip('/')}/prediction_log"
 
 
 def _now() -> dt.datetime:

@@ -64,6 +64,8 @@ def app(
             "models.ranker.retrieval_score=true",
             f"features.online_store.url={store}",
             f"serving.event_log={tmp / 'event_log'}",
+            f"serving.prediction_log={tmp / 'prediction_log'}",
+            "serving.prediction_log_flush_s=0.5",
             "serving.models_from=published",
             # k past the tiny catalogue (200 items) must be askable.
             "serving.candidates=300",
@@ -220,6 +222,29 @@ def test_events_change_the_next_request_and_land_in_the_log(app: RunningApp) -> 
     assert mine.height == 6
     assert sorted(mine["event_type"].to_list()) == ["click"] + ["impression"] * 5
     assert set(mine.drop_nulls("request_id")["request_id"].to_list()) == {int(first["request_id"])}
+
+
+def test_answers_land_in_the_prediction_log(app: RunningApp) -> None:
+    from features.event_log import EventLog
+    from features.schemas import PREDICTIONS
+
+    answers = [app.client.get(f"/v1/recommendations/{user}?k=4").json() for user in (0, 1, 2)]
+    predictions = EventLog(app.config.serving.prediction_log or "", PREDICTIONS)
+    wanted = {int(answer["request_id"]) for answer in answers}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        logged = predictions.read()
+        mine = logged.filter(logged["request_id"].is_in(list(wanted)))
+        if mine.height == 12:
+            break
+        time.sleep(0.5)
+    assert mine.height == 12
+    first = answers[0]
+    rows = mine.filter(mine["request_id"] == int(first["request_id"])).sort("position")
+    assert rows["item_id"].to_list() == [item["item_id"] for item in first["items"]]
+    assert rows["score"].to_list() == pytest.approx([item["score"] for item in first["items"]])
+    assert rows["fallback"].to_list() == [first["fallback"]] * 4
+    assert rows["reranker_version"].to_list() == [first["model_versions"]["reranker"]] * 4
 
 
 class Load:
