@@ -720,6 +720,10 @@ class AlertConfig(Section):
     # The same finding of the same monitor is not mailed again within this time,
     # even for a new window: one e-mail per drift, not one per day of it.
     cooldown_hours: float = Field(default=24.0, ge=0.0)
+    # last_seen: every window that still shows the finding extends its cooldown, so
+    # a drift that persists is mailed once, and again only after it was gone for
+    # cooldown_hours; last_sent: a reminder every cooldown_hours while it persists.
+    cooldown_from: Literal["last_seen", "last_sent"] = "last_seen"
     # Attempts per e-mail, with exponential backoff from backoff_s.
     attempts: int = Field(default=3, ge=1)
     backoff_s: float = Field(default=1.0, ge=0.0)

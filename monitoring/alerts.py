@@ -549,9 +549,18 @@ class AlertSender:
     ) -> tuple[list[Finding], list[Finding], list[Finding]]:
         """Split the findings into (to send, already sent for this window, in cooldown)."""
         sent: dict[str, list[dict[str, Any]]] = {}
+        seen: dict[str, list[dict[str, Any]]] = {}
+        # last_seen: a suppressed occurrence also extends the cooldown (config comment).
+        counted = ("sent", "suppressed_cooldown")
+        if self.config.cooldown_from == "last_sent":
+            counted = ("sent",)
         for rec in records:
-            if rec.get("status") == "sent" and rec.get("monitor") == alert.monitor:
+            if rec.get("monitor") != alert.monitor:
+                continue
+            if rec.get("status") == "sent":
                 sent.setdefault(rec["finding"], []).append(rec)
+            if rec.get("status") in counted:
+                seen.setdefault(rec["finding"], []).append(rec)
         to_send: list[Finding] = []
         duplicate: list[Finding] = []
         cooldown: list[Finding] = []
@@ -559,7 +568,9 @@ class AlertSender:
             earlier = sent.get(finding.key, [])
             if any(rec["window"] == alert.window.key for rec in earlier):
                 duplicate.append(finding)
-            elif any(self._in_cooldown(alert.window, rec, now) for rec in earlier):
+            elif any(
+                self._in_cooldown(alert.window, rec, now) for rec in seen.get(finding.key, [])
+            ):
                 cooldown.append(finding)
             else:
                 to_send.append(finding)

@@ -58,6 +58,8 @@ app.add_typer(tune_app, name="tune")
 app.add_typer(finetune_app, name="finetune")
 serve_app = typer.Typer(help="The online recommendation API (Ray Serve).", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
+monitor_app = typer.Typer(help="Drift monitoring and alert e-mails.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
 
 out = Console()
 
@@ -548,6 +550,28 @@ def recommend(
         )
     out.print(table)
     out.print(f"models: {body['model_versions']}")
+
+
+@monitor_app.command("test-email")
+def monitor_test_email(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
+    """Send one test e-mail through monitoring.alerts.smtp to its recipients."""
+    from monitoring.alerts import send_test_email
+
+    config = _config(preset, sets)
+    alerts = config.monitoring.alerts
+    if not alerts.smtp.recipients:
+        typer.echo(
+            "error: no recipients: set monitoring.alerts.smtp.recipients "
+            "(e.g. RAYREC_MONITORING__ALERTS__SMTP__RECIPIENTS='[\"ops@example.com\"]')",
+            err=True,
+        )
+        raise typer.Exit(1)
+    message_id = send_test_email(alerts)
+    smtp = alerts.smtp
+    out.print(
+        f"sent to {', '.join(smtp.recipients)} via {smtp.host}:{smtp.port} "
+        f"({smtp.security}); message id {message_id}"
+    )
 
 
 @config_app.command("show")

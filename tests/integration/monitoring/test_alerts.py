@@ -311,7 +311,9 @@ def test_cooldown_suppresses_the_same_finding_in_the_next_window(
     smtp_server: Callable[..., Server], tmp_path: Path
 ) -> None:
     server = smtp_server()
-    sender = AlertSender(alert_config(server.port, cooldown_hours=24), str(tmp_path))
+    sender = AlertSender(
+        alert_config(server.port, cooldown_hours=24, cooldown_from="last_sent"), str(tmp_path)
+    )
 
     day1 = sender.send(make_alert(1, data_drift(1)))
     # Next day: the same drift is suppressed, a new finding still goes out, alone.
@@ -336,13 +338,28 @@ def test_cooldown_suppresses_the_same_finding_in_the_next_window(
     ]
 
 
+def test_a_persisting_drift_is_mailed_once_until_it_has_been_gone_a_cooldown(
+    smtp_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = smtp_server()
+    sender = AlertSender(alert_config(server.port, cooldown_hours=24), str(tmp_path))
+    # The default, last_seen: days 1-3 drift (one e-mail), day 4 clean, day 6 drifts again.
+    assert sender.send(make_alert(1, data_drift(1))).sent == ("data_drift",)
+    assert sender.send(make_alert(2, data_drift(2))).suppressed_cooldown == ("data_drift",)
+    assert sender.send(make_alert(3, data_drift(3))).suppressed_cooldown == ("data_drift",)
+    assert sender.send(make_alert(6, data_drift(6))).sent == ("data_drift",)
+    assert len(server.inbox.messages) == 2
+
+
 def test_cooldown_of_id_only_windows_follows_the_wall_clock(
     smtp_server: Callable[..., Server], tmp_path: Path
 ) -> None:
     server = smtp_server()
     now = [T0]
     sender = AlertSender(
-        alert_config(server.port, cooldown_hours=6), str(tmp_path), clock=lambda: now[0]
+        alert_config(server.port, cooldown_hours=6, cooldown_from="last_sent"),
+        str(tmp_path),
+        clock=lambda: now[0],
     )
 
     def finding(window_id: str) -> Alert:
@@ -556,3 +573,26 @@ def test_no_recipients_keeps_the_alert_in_the_dead_letter(tmp_path: Path) -> Non
 
     assert result.dead_lettered == ("data_drift",) and "recipients" in (result.error or "")
     assert (tmp_path / "monitoring" / "dead_letter.jsonl").exists()
+
+
+def test_cli_test_email_arrives(smtp_server: Callable[..., Server], tmp_path: Path) -> None:
+    from pipelines.cli import main
+
+    server = smtp_server()
+    args = [
+        "monitor",
+        "test-email",
+        "--preset",
+        "tiny",
+        "--set",
+        f"paths.workdir={tmp_path}",
+        "--set",
+        f"monitoring.alerts.smtp.port={server.port}",
+        "--set",
+        'monitoring.alerts.smtp.recipients=["ops@example.com"]',
+    ]
+    assert main(args) == 0
+    assert [e.rcpt_tos for e in server.inbox.envelopes] == [["ops@example.com"]]
+    # No recipients configured: one line, exit 1, nothing sent.
+    assert main(args[:-2]) == 1
+    assert len(server.inbox.envelopes) == 1
