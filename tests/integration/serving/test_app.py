@@ -247,6 +247,23 @@ def test_answers_land_in_the_prediction_log(app: RunningApp) -> None:
     assert rows["reranker_version"].to_list() == [first["model_versions"]["reranker"]] * 4
 
 
+def test_our_metrics_reach_rays_prometheus_endpoint(app: RunningApp) -> None:
+    import ray
+
+    for user in range(5):
+        app.client.get(f"/v1/recommendations/{user}?k=3")
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    names: set[str] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        names = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_rayrec")}
+        if {"ray_rayrec_requests_total", "ray_rayrec_stage_ms_count"} <= names:
+            break
+        time.sleep(2)
+    assert {"ray_rayrec_requests_total", "ray_rayrec_stage_ms_count"} <= names, names
+
+
 class Load:
     """Requests in a background thread until stopped; counts statuses (connection errors as 0)."""
 
