@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import FastAPI, Path, Query
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import HTTPOptions
@@ -56,6 +56,8 @@ from serving.schemas import (
 from serving.service import NotReady, ServedModels, ServingState
 
 DEPLOYMENT = "Recommender"
+# Request-state key of the perf_counter() at which the request reached the replica.
+ARRIVED = "rayrec_arrived"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -78,6 +80,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # Stamped before the request waits for a worker thread: the deadline counts the wait.
+        scope.setdefault("state", {})[ARRIVED] = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -182,9 +186,11 @@ def build_api(state: ServingState, metrics: Metrics | None = None) -> FastAPI:
     # Defaults, not Annotated aliases: the bound is config, and annotations are strings here.
     max_k = serving.max_k
 
-    def recommend(request: RecommendationRequest) -> RecommendationResponse | JSONResponse:
+    def recommend(
+        request: RecommendationRequest, http: Request
+    ) -> RecommendationResponse | JSONResponse:
         try:
-            response = state.recommend(request)
+            response = state.recommend(request, getattr(http.state, ARRIVED, None))
         except NotReady as exc:
             metrics.request("recommendations", 503)
             return _error(503, f"not ready: {exc}")
@@ -196,14 +202,14 @@ def build_api(state: ServingState, metrics: Metrics | None = None) -> FastAPI:
         return response
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse)
-    def post_recommendations(request: RecommendationRequest) -> Any:
-        return recommend(request)
+    def post_recommendations(request: RecommendationRequest, http: Request) -> Any:
+        return recommend(request, http)
 
     @api.get("/v1/recommendations/{user_id}", response_model=RecommendationResponse)
     def get_recommendations(
-        user_id: int = Path(ge=0, le=INT64_MAX), k: int = Query(10, ge=1, le=max_k)
+        http: Request, user_id: int = Path(ge=0, le=INT64_MAX), k: int = Query(10, ge=1, le=max_k)
     ) -> Any:
-        return recommend(RecommendationRequest(user_id=user_id, k=k))
+        return recommend(RecommendationRequest(user_id=user_id, k=k), http)
 
     @api.get("/v1/similar-items/{item_id}", response_model=SimilarItemsResponse)
     def similar_items(

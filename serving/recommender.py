@@ -144,12 +144,17 @@ class Recommender:
 
     # ------------------------------------------------------------------ the request
 
-    def recommend(self, request: RecommendationRequest) -> RecommendationResponse:
+    def recommend(
+        self, request: RecommendationRequest, arrived: float | None = None
+    ) -> RecommendationResponse:
         """The top ``request.k`` items for ``request.user_id`` (module doc for the stages).
 
-        Raises :class:`RequestError` when ``k`` exceeds ``serving.max_k``.
+        ``arrived``: the ``time.perf_counter()`` at which the request reached the
+        process (the API stamps it before the request waits for a worker thread),
+        so ``serving.deadline_ms`` and ``timings_ms["total"]`` count that wait;
+        default now. Raises :class:`RequestError` when ``k`` exceeds ``serving.max_k``.
         """
-        started = time.perf_counter()
+        started = time.perf_counter() if arrived is None else arrived
         if request.k > self.serving.max_k:
             raise RequestError(
                 f"k must be <= {self.serving.max_k} (serving.max_k), got {request.k}"

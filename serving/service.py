@@ -184,12 +184,14 @@ class ServingState:
             },
         }
 
-    def recommend(self, request: RecommendationRequest) -> RecommendationResponse:
+    def recommend(
+        self, request: RecommendationRequest, arrived: float | None = None
+    ) -> RecommendationResponse:
         """The current generation's answer (:class:`NotReady` before one), recorded in the
-        prediction log."""
+        prediction log; ``arrived`` as :meth:`Recommender.recommend` takes it."""
         recommender = self.recommender
         generation = self.generation
-        response = recommender.recommend(request)
+        response = recommender.recommend(request, arrived)
         if self.predictions is not None:
             self.predictions.record(response, generation, self.clock())
         return response

@@ -277,6 +277,17 @@ def test_past_the_deadline_the_retrieval_order_is_served(tiny_run: RayrecConfig)
         recommender.close()
 
 
+def test_the_deadline_counts_from_arrival(recommender: Recommender) -> None:
+    """A request that waited past the deadline before its turn is served in retrieval order."""
+    import time
+
+    user = _known_users(recommender, 1)[0]
+    request = RecommendationRequest(user_id=user, k=K)
+    assert recommender.recommend(request, arrived=time.perf_counter()).reranked
+    late = recommender.recommend(request, arrived=time.perf_counter() - 1.0)
+    assert not late.reranked and late.timings_ms["total"] >= 1000.0
+
+
 def test_online_rows_equal_the_training_frame_at_the_same_moment(
     tiny_run: RayrecConfig, recommender: Recommender
 ) -> None:
