@@ -96,7 +96,7 @@ TESTS: dict[str, tuple[TestFamily, frozenset[FeatureKind]]] = {
 }
 
 # Categories kept per categorical column (the reference's most frequent); the
-# rest fold into OTHER. Candidate for DriftTestConfig (``max_categories``).
+# rest fold into OTHER (the default of DriftTestConfig.max_categories).
 MAX_CATEGORIES = 20
 OTHER = "__other__"
 NULL = "__null__"
@@ -275,8 +275,8 @@ def data_drift(
     config: DriftTestConfig,
     max_rows: int,
     seed: int,
-    max_categories: int = MAX_CATEGORIES,
-    p_value_correction: Literal["none", "bonferroni"] = "none",
+    max_categories: int | None = None,
+    p_value_correction: Literal["none", "bonferroni"] | None = None,
 ) -> DriftResult:
     """Judge each of ``columns`` (``{name: "numeric" | "categorical"}``) for drift.
 
@@ -289,6 +289,9 @@ def data_drift(
     test by the number of columns that got one: at ``p < 0.05`` per column, 20
     clean columns flag at least one in 64 % of small windows; corrected, in 5 %.
     """
+    # Unset: the config's (DriftTestConfig.max_categories, .p_value_correction).
+    max_categories = max_categories or config.max_categories
+    p_value_correction = p_value_correction or config.p_value_correction
     if p_value_correction not in ("none", "bonferroni"):
         raise ValueError(f"p_value_correction must be none or bonferroni: {p_value_correction!r}")
     kinds = column_kinds(columns)

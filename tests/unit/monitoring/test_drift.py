@@ -25,7 +25,7 @@ KINDS = {"x": "numeric", "y": "numeric", "c": "categorical", "k": "categorical"}
 REFERENCE_SHARES = (0.5, 0.3, 0.2)
 DRIFTED_SHARES = (0.3, 0.3, 0.4)
 SMALL, LARGE = 500, 5_000  # either side of the default large_window_rows (1000)
-CONFIG = DriftTestConfig()
+CONFIG = DriftTestConfig(large_window_rows=1_000, p_value_correction="none")
 
 
 def _frame(n: int, seed: int, x_mean: float = 0.0, shares=REFERENCE_SHARES) -> pl.DataFrame:
