@@ -574,6 +574,82 @@ def monitor_test_email(preset: PresetOpt = "default", sets: SetOpt = None) -> No
     )
 
 
+@monitor_app.command("run")
+def monitor_run(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    window_end: Annotated[
+        str | None,
+        typer.Option(
+            "--window-end",
+            help="End of the window (exclusive), YYYY-MM-DD in UTC; default: the midnight "
+            "after the newest example.",
+        ),
+    ] = None,
+    window_days: Annotated[
+        int | None,
+        typer.Option("--window-days", min=1, help="Days in the window (monitoring.window_days)."),
+    ] = None,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow.")] = True,
+) -> None:
+    """Judge one window of the examples against the reference profile: data, prediction and
+    concept drift; Evidently reports; one alert e-mail for the findings; MLflow."""
+    import datetime as dt
+
+    from pipelines.monitor import run_monitoring
+
+    config = _config(preset, sets)
+    end = None
+    if window_end is not None:
+        try:
+            end = dt.date.fromisoformat(window_end)
+        except ValueError:
+            typer.echo(f"error: --window-end must be YYYY-MM-DD, got {window_end!r}", err=True)
+            raise typer.Exit(2) from None
+    record = run_monitoring(config, end, window_days, track=track)
+    rows = record.rows.get("window", 0)
+    table = Table(title=f"monitor {record.key}: {rows:,} rows")
+    for column in ("check", "column", "test", "statistic", "threshold", "drifted"):
+        table.add_column(column)
+    for check in record.checks:
+        threshold = check["threshold"]
+        if isinstance(threshold, list):
+            threshold = f"[{threshold[0]:+.4g}, {threshold[1]:+.4g}]"
+        elif threshold is not None:
+            threshold = f"{threshold:.4g}"
+        statistic = check["statistic"]
+        verdict = ("yes" if check["drifted"] else "no") if check["judged"] else check["note"]
+        table.add_row(
+            check["check"],
+            check["column"],
+            check["test"] or "-",
+            "-" if statistic is None else f"{statistic:.4g}",
+            threshold or "-",
+            verdict,
+        )
+    out.print(table)
+    if record.reason:
+        out.print(f"not judged: {record.reason}")
+    delivery = record.delivery
+    if delivery is not None:
+        out.print(
+            f"findings: {', '.join(record.findings) or '-'}; sent {list(delivery.sent)}, "
+            f"duplicate {list(delivery.suppressed_duplicate)}, cooldown "
+            f"{list(delivery.suppressed_cooldown)}, dead-lettered {list(delivery.dead_lettered)}"
+        )
+    else:
+        out.print(f"findings: {', '.join(record.findings) or '-'}")
+    if record.delivery_note:
+        out.print(f"alert: {record.delivery_note}")
+    out.print(
+        f"reports: {record.reports}   mlflow run: {record.mlflow_run_id or '-'}   "
+        f"{record.seconds:.1f} s"
+    )
+    if record.delivery_failed:
+        typer.echo(f"error: alert not delivered: {record.delivery_note}", err=True)
+        raise typer.Exit(1)
+
+
 @config_app.command("show")
 def config_show(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """Print the fully resolved configuration as YAML."""

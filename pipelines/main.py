@@ -6,6 +6,7 @@ from pipelines.dag import Pipeline
 from pipelines.steps.features import FEATURES
 from pipelines.steps.ingest import INGEST
 from pipelines.steps.materialize import MATERIALIZE
+from pipelines.steps.monitoring import MONITOR_STEP, REFERENCE_PROFILE
 from pipelines.steps.ranker import FINETUNE_RANKER, REGISTER_RANKER, TRAIN_RANKER, TUNE_RANKER
 from pipelines.steps.retrieval import INDEX, REGISTER_RETRIEVAL, TRAIN_RETRIEVAL
 from pipelines.steps.summarize import SUMMARIZE
@@ -28,6 +29,8 @@ MAIN = Pipeline(
         REGISTER_RANKER,
         FINETUNE_RANKER,
         EVALUATE_TWO_STAGE,
+        REFERENCE_PROFILE,
+        MONITOR_STEP,
     ),
 )
 

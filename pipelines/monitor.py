@@ -1,0 +1,620 @@
+"""Monitoring runs on the pipeline's own data: reference profile, current windows, checks, alerts.
+
+The parts (what a check is, how it decides, how an alert is mailed once) live in
+:mod:`monitoring`, which sees predictions as columns; this module feeds them the
+pipeline's published outputs and the reranker that scores them.
+
+Reference (the ``reference_profile`` step, :mod:`pipelines.steps.monitoring`)
+    ``monitoring.reference_rows`` rows drawn (seeded, uniform) from the
+    reranker's training part (the ``features`` examples split as
+    ``train_ranker`` split them), scored by the reranker serving uses (the
+    fine-tuned one when ``finetune_ranker`` published a model, else
+    ``train_ranker``'s; with the retrieval score from ``train_retrieval``'s
+    two-tower when the spec has it) and saved as a
+    :class:`~monitoring.reference.ReferenceProfile` (the spec's numeric and
+    categorical features, ``score``, the labels). ``reference_meta.json``
+    names the exact step versions that scored it.
+
+Current window (:func:`run_monitoring`)
+    The ``features`` examples with ``ts`` in ``[end - window_days, end)``
+    (default ``end``: midnight after the newest example), sampled (seeded,
+    uniform) to ``monitoring.max_window_rows`` and scored by the very model
+    versions the reference names, so a prediction drift is the data's, not a
+    model swap's. Checks: data drift over the profile's feature columns,
+    prediction drift of ``score``, concept drift of the labels against the
+    scores (not judged below ``monitoring.concept_min_labels``) and, when
+    serving's prediction log has reranked rows in the window, drift of the
+    served scores against the log's previous window of the same length (served
+    candidates are the reranker's own top k, not the logged impressions the
+    reference holds: against the reference they would always differ).
+
+Outputs
+    ``<workdir>/monitoring/reports/<window key>/`` published atomically
+    (:class:`infra.publish.VersionedOutput`: a version folder and a
+    ``CURRENT`` pointer) with ``summary.json`` and per check Evidently HTML +
+    JSON (``data_drift``, ``prediction_drift``, ``served_prediction_drift``)
+    and ``concept_drift.json``; one :class:`~monitoring.alerts.Alert` per run
+    through :class:`~monitoring.alerts.AlertSender` (sent once per finding and
+    window, cooldown, dead letter); with tracking on, an MLflow run (nested in
+    the pipeline's when called as a step) with the metrics as time series
+    (``step`` = days since 1970-01-01 of the window's end), the summary and
+    the reports as artifacts.
+
+With no recipients configured (the default) findings go to the dead-letter
+file with a warning and the run succeeds whatever ``on_smtp_failure`` says:
+nothing was configured to fail. With recipients, a failed delivery under
+``on_smtp_failure: fail`` marks the record ``delivery_failed`` (the CLI exits
+non-zero, the pipeline step fails after the reports are published).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import polars as pl
+
+from features.dataset import read_examples
+from features.event_log import EventLog
+from features.feature_spec import SPEC_FILE, FeatureSpec
+from features.schemas import PREDICTIONS
+from infra.config import RayrecConfig
+from infra.errors import RayrecError
+from infra.logs import get_logger
+from infra.publish import Published, VersionedOutput
+from infra.storage import StoragePath
+from infra.tracking import setup_mlflow
+from models.artifacts import SavedReranker, load_reranker, load_two_tower
+from models.calibration import click_probabilities
+from monitoring.alerts import (
+    Alert,
+    AlertDeliveryError,
+    AlertSender,
+    DeliveryReport,
+    FeatureDrift,
+    Finding,
+    Window,
+)
+from monitoring.columns import sample_rows
+from monitoring.concept import ConceptResult, concept_drift
+from monitoring.drift import DriftResult, data_drift, prediction_drift
+from monitoring.reference import ReferenceProfile
+from pipelines.ranker.retrieval_feature import with_retrieval_score
+from pipelines.runner import published, step_output
+from serving.encoding import RETRIEVAL_SCORE, encode_examples
+from serving.scoring import predict
+
+log = get_logger(__name__)
+
+MONITOR = "reranker"
+REFERENCE_STEP = "reference_profile"
+PROFILE_FOLDER = "profile"
+REFERENCE_META = "reference_meta.json"
+SUMMARY_FILE = "summary.json"
+LAST_RUN_FILE = "last_run.json"
+SCORE = "score"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+DAY = dt.timedelta(days=1)
+
+
+class MonitoringError(RayrecError):
+    """Monitoring cannot run on this workdir (names what to run first)."""
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The reranker (and its spec, and the two-tower for its retrieval-score input) that
+    scores example rows into calibrated click probabilities; ``sources`` names the
+    ``{step: version}`` each part came from."""
+
+    reranker: SavedReranker
+    reranker_step: str
+    spec: FeatureSpec
+    two_tower: Any | None
+    history_length: int
+    sources: dict[str, str]
+
+    def score(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """``frame`` plus ``score`` (Float64; and ``retrieval_score`` when the spec reads it)."""
+        if RETRIEVAL_SCORE in self.spec.names and RETRIEVAL_SCORE not in frame.columns:
+            if self.two_tower is None:
+                raise MonitoringError("the reranker reads retrieval_score but no two-tower exists")
+            frame = with_retrieval_score(frame, self.two_tower, self.history_length)
+        if frame.height == 0:
+            return frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(SCORE))
+        logits = predict(self.reranker.model, encode_examples(frame, self.spec))
+        probabilities = click_probabilities(logits, self.reranker.calibrator)
+        return frame.with_columns(pl.Series(SCORE, probabilities, dtype=pl.Float64))
+
+
+def load_scorer(
+    train_ranker: Published,
+    finetune_ranker: Published | None,
+    train_retrieval: Published | None,
+    history_length: int,
+) -> Scorer | None:
+    """The reranker serving uses (fine-tuned when published, else trained), its spec (saved
+    beside ``train_ranker``'s model) and the two-tower when the spec reads its score.
+    None when ``train_ranker`` published no model."""
+    trained = Path(train_ranker.path.local_path()) / "model"
+    if not trained.exists():
+        return None
+    spec = FeatureSpec.model_validate_json((trained / SPEC_FILE).read_text())
+    sources = {"train_ranker": train_ranker.version}
+    folder, step = trained, "train_ranker"
+    if finetune_ranker is not None:
+        finetuned = Path(finetune_ranker.path.local_path()) / "model"
+        if finetuned.exists():
+            folder, step = finetuned, "finetune_ranker"
+            sources["finetune_ranker"] = finetune_ranker.version
+    two_tower = None
+    if RETRIEVAL_SCORE in spec.names and train_retrieval is not None:
+        model = Path(train_retrieval.path.local_path()) / "model"
+        if model.exists():
+            two_tower = load_two_tower(model)
+            sources["train_retrieval"] = train_retrieval.version
+    return Scorer(load_reranker(folder), step, spec, two_tower, history_length, sources)
+
+
+def _version(config: RayrecConfig, step: str, version: str) -> Published:
+    path = step_output(config, step).root.join(version)
+    if not path.exists():
+        raise MonitoringError(
+            f"the reference profile was scored with {step} {version}, which is gone "
+            f"(pipeline.keep_versions): run `rayrec run --until {REFERENCE_STEP}`"
+        )
+    return Published(version, path, {})
+
+
+def scorer_of_reference(config: RayrecConfig, sources: dict[str, str]) -> Scorer:
+    """The exact model versions the reference profile was scored with."""
+    picked = {step: _version(config, step, version) for step, version in sources.items()}
+    scorer = load_scorer(
+        picked["train_ranker"],
+        picked.get("finetune_ranker"),
+        picked.get("train_retrieval"),
+        config.features.history_length,
+    )
+    if scorer is None:
+        raise MonitoringError("the reference profile's train_ranker version has no model")
+    return scorer
+
+
+# --------------------------------------------------------------------------- record
+
+
+@dataclass
+class MonitorRecord:
+    """What one monitoring run judged, wrote and sent."""
+
+    window: Window
+    window_days: int
+    rows: dict[str, int]
+    checks: list[dict[str, Any]]
+    findings: list[str]
+    reports: str | None = None
+    delivery: DeliveryReport | None = None
+    delivery_failed: bool = False
+    delivery_note: str = ""
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return window_key(self.window)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": MONITOR,
+            "window": {
+                "start": self.window.start.isoformat() if self.window.start else None,
+                "end": self.window.end.isoformat() if self.window.end else None,
+                "key": self.key,
+                "days": self.window_days,
+            },
+            "rows": self.rows,
+            "reason": self.reason,
+            "checks": self.checks,
+            "findings": self.findings,
+            "reports": self.reports,
+            "delivery": self.delivery.model_dump(mode="json") if self.delivery else None,
+            "delivery_failed": self.delivery_failed,
+            "delivery_note": self.delivery_note,
+            "mlflow_run_id": self.mlflow_run_id,
+            "seconds": round(self.seconds, 3),
+            **self.details,
+        }
+
+
+def window_key(window: Window) -> str:
+    """A folder name for a window: ``20240305T0000-20240306T0000``."""
+    assert window.start is not None and window.end is not None
+    return f"{window.start:%Y%m%dT%H%M}-{window.end:%Y%m%dT%H%M}"
+
+
+def window_bounds(
+    newest: dt.datetime, window_end: dt.datetime | dt.date | None, window_days: int
+) -> Window:
+    """``[end - window_days, end)``; ``end`` defaults to midnight UTC after ``newest``.
+
+    A date (or a naive datetime) is taken as UTC; a date means its midnight.
+    """
+    if window_end is None:
+        newest = _utc(newest)
+        end = dt.datetime.combine(newest.date(), dt.time(), tzinfo=dt.UTC) + DAY
+    elif isinstance(window_end, dt.datetime):
+        end = _utc(window_end)
+    else:
+        end = dt.datetime.combine(window_end, dt.time(), tzinfo=dt.UTC)
+    return Window(start=end - window_days * DAY, end=end)
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def prediction_log_root(config: RayrecConfig) -> str:
+    """``serving.prediction_log``, or ``<workdir>/prediction_log`` (as
+    :func:`serving.service.prediction_log_path`, without importing Ray Serve)."""
+    return config.serving.prediction_log or f"{config.paths.workdir.rstrip('/')}/prediction_log"
+
+
+def served_scores(config: RayrecConfig, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+    """Reranked rows of serving's prediction log with ``ts`` in ``[start, end)`` (``score``)."""
+    root = StoragePath.from_uri(prediction_log_root(config))
+    if not root.is_local or not root.exists():
+        return pl.DataFrame(schema=PREDICTIONS.polars_schema)
+    frame = EventLog(root.local_path(), PREDICTIONS).read(
+        start.date(), (end - dt.timedelta(microseconds=1)).date()
+    )
+    return frame.filter(
+        (pl.col("ts") >= start) & (pl.col("ts") < end) & pl.col("reranked").fill_null(False)
+    )
+
+
+def load_reference(config: RayrecConfig) -> tuple[ReferenceProfile, dict[str, Any]]:
+    current = published(config, REFERENCE_STEP)
+    if current is None or not current.path.join(PROFILE_FOLDER, "reference.json").exists():
+        reason = (current.manifest.get("skipped") if current else None) or "never published"
+        raise MonitoringError(
+            f"no reference profile ({reason}): run `rayrec run --until {REFERENCE_STEP}`"
+        )
+    meta = json.loads(current.path.join(REFERENCE_META).read_text())
+    return ReferenceProfile.load(current.path.join(PROFILE_FOLDER)), meta
+
+
+def run_monitoring(
+    config: RayrecConfig,
+    window_end: dt.datetime | dt.date | None = None,
+    window_days: int | None = None,
+    *,
+    track: bool = True,
+    sender: AlertSender | None = None,
+) -> MonitorRecord:
+    """Judge one window against the reference profile; publish reports, alert, track.
+
+    See the module docstring. ``track``: log to MLflow (a nested run when one is
+    active). ``sender``: the alert sender (default: from ``monitoring.alerts``).
+    """
+    started = time.perf_counter()
+    settings = config.monitoring
+    days = window_days or settings.window_days
+    profile, meta = load_reference(config)
+    features = published(config, "features")
+    if features is None:
+        raise MonitoringError("no features published: run `rayrec run --until features`")
+    examples = read_examples(features.path)
+    if "ts" not in examples.collect_schema().names():
+        raise MonitoringError("the examples have no ts column: a table without time has no windows")
+    newest = examples.select(pl.col("ts").max()).collect().item()
+    window = window_bounds(newest, window_end, days)
+    assert window.start is not None and window.end is not None
+    rows = examples.filter((pl.col("ts") >= window.start) & (pl.col("ts") < window.end)).collect()
+    record = MonitorRecord(window, days, {"window": rows.height}, [], [])
+    record.details["reference"] = {
+        "rows": profile.rows,
+        "created_at": profile.created_at,
+        "scored_with": meta.get("scored_with", {}),
+    }
+    seed = profile.seed
+    results: dict[str, DriftResult] = {}
+    concept: ConceptResult | None = None
+    served_note = ""
+    if rows.height == 0:
+        record.reason = "no examples in the window"
+    else:
+        scorer = scorer_of_reference(config, meta["scored_with"])
+        current = scorer.score(sample_rows(rows, settings.max_window_rows, [seed, 0]))
+        record.rows["used"] = current.height
+        results["data_drift"] = data_drift(
+            profile.frame,
+            current,
+            profile.features,
+            settings.drift,
+            settings.max_window_rows,
+            seed,
+        )
+        results["prediction_drift"] = prediction_drift(
+            profile.frame, current, settings.drift, settings.max_window_rows, seed, SCORE
+        )
+        if profile.labels and profile.labels[0] in current.columns:
+            concept = concept_drift(
+                profile.frame,
+                current,
+                settings.concept_ci,
+                settings.concept_min_labels,
+                seed,
+                label=profile.labels[0],
+                score=SCORE,
+                max_rows=settings.max_window_rows,
+            )
+    served = served_scores(config, window.start, window.end)
+    record.rows["served"] = served.height
+    if served.height:
+        before = served_scores(config, window.start - days * DAY, window.start)
+        record.rows["served_previous"] = before.height
+        if before.height:
+            results["served_prediction_drift"] = prediction_drift(
+                before, served, settings.drift, settings.max_window_rows, seed, SCORE
+            )
+        else:
+            served_note = "no served rows in the previous window to compare with"
+    record.checks = _checks(results, concept)
+    if served_note:
+        record.details["served_note"] = served_note
+    findings = _findings(config, window, results, concept)
+    record.findings = [f.key for f in findings]
+
+    output = VersionedOutput(
+        StoragePath.from_uri(config.paths.workdir).join("monitoring", "reports", record.key),
+        keep=config.pipeline.keep_versions,
+    )
+    with output.writing() as staging:
+        for name, result in results.items():
+            result.save_html(staging.join(f"{name}.html"))
+            result.save_json(staging.join(f"{name}.json"))
+            staging.join(f"{name}_summary.json").write_text_atomic(
+                json.dumps(result.to_dict(), indent=2, default=str)
+            )
+        if concept is not None:
+            staging.join("concept_drift.json").write_text_atomic(
+                json.dumps(concept.to_dict(), indent=2)
+            )
+        staging.join(SUMMARY_FILE).write_text_atomic(json.dumps(record.to_dict(), indent=2))
+        report = output.publish(staging, {"window": record.key, "findings": record.findings})
+    record.reports = report.path.uri
+
+    if findings:
+        first = findings[0].key.split(":")[0]
+        html = report.path.join(f"{first}.html")
+        alert = Alert(
+            monitor=MONITOR,
+            window=window,
+            findings=tuple(findings),
+            report_path=(html if html.exists() else report.path.join(SUMMARY_FILE)).uri,
+        )
+        _deliver(config, alert, record, sender)
+
+    record.seconds = time.perf_counter() - started
+    if track:
+        _track(config, record, report.path, results, concept)
+    # The published version is immutable and holds the record as it was at publish
+    # time; the final one (delivery, MLflow run, seconds) goes beside its pointer.
+    output.root.join(LAST_RUN_FILE).write_text_atomic(json.dumps(record.to_dict(), indent=2))
+    log.info(
+        "monitor.done",
+        window=record.key,
+        rows=record.rows,
+        findings=record.findings,
+        seconds=round(record.seconds, 2),
+    )
+    return record
+
+
+def _deliver(
+    config: RayrecConfig, alert: Alert, record: MonitorRecord, sender: AlertSender | None
+) -> None:
+    alerts = config.monitoring.alerts
+    if sender is None:
+        if not alerts.smtp.recipients:
+            # Nothing configured to fail: dead-letter with a warning (module docstring).
+            alerts = alerts.model_copy(update={"on_smtp_failure": "warn"})
+            record.delivery_note = "no recipients configured: findings dead-lettered"
+        sender = AlertSender(alerts, config.paths.workdir)
+    try:
+        record.delivery = sender.send(alert)
+    except AlertDeliveryError as exc:
+        record.delivery_failed = True
+        record.delivery_note = str(exc)
+        log.error("monitor.alert_failed", window=record.key, error=str(exc)[:300])
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def _checks(results: dict[str, DriftResult], concept: ConceptResult | None) -> list[dict[str, Any]]:
+    """One row per judged column or metric: check, column, test, statistic, threshold, drifted."""
+    rows: list[dict[str, Any]] = []
+    for check, result in results.items():
+        for column in result.columns:
+            rows.append(
+                {
+                    "check": check,
+                    "column": column.column,
+                    "test": column.test.method if column.test else None,
+                    "statistic": column.statistic,
+                    "threshold": column.test.threshold if column.test else None,
+                    "drifted": column.drifted,
+                    "judged": column.judged,
+                    "note": column.reason,
+                }
+            )
+    if concept is not None:
+        if not concept.judged:
+            rows.append(
+                {
+                    "check": "concept_drift",
+                    "column": "label",
+                    "test": None,
+                    "statistic": None,
+                    "threshold": None,
+                    "drifted": False,
+                    "judged": False,
+                    "note": concept.reason,
+                }
+            )
+        for metric in concept.metrics:
+            rows.append(
+                {
+                    "check": "concept_drift",
+                    "column": metric.metric,
+                    "test": metric.interval,
+                    "statistic": metric.current,
+                    "threshold": [metric.low, metric.high],
+                    "drifted": metric.drifted,
+                    "judged": True,
+                    "note": f"reference {metric.reference:.4g}"
+                    + (", worse" if metric.worse else ""),
+                }
+            )
+    return rows
+
+
+def _feature_drifts(result: DriftResult) -> tuple[FeatureDrift, ...]:
+    return tuple(
+        FeatureDrift(
+            feature=c.column,
+            test=c.test.method,
+            statistic=float(c.statistic),
+            threshold=c.test.threshold,
+            reference=c.brief("reference"),
+            current=c.brief("current"),
+        )
+        for c in result.columns
+        if c.drifted and c.test is not None and c.statistic is not None
+    )
+
+
+def _findings(
+    config: RayrecConfig,
+    window: Window,
+    results: dict[str, DriftResult],
+    concept: ConceptResult | None,
+) -> list[Finding]:
+    """Data drift (share of drifted features at least ``drifted_share_alert``), prediction
+    drift, served prediction drift, and each concept metric that drifted the harmful way
+    (an improvement needs nobody's action; it stays in the summary)."""
+    findings: list[Finding] = []
+    data = results.get("data_drift")
+    if (
+        data is not None
+        and data.drifted
+        and data.drifted_share >= config.monitoring.drifted_share_alert
+    ):
+        findings.append(
+            Finding(
+                monitor=MONITOR,
+                window=window,
+                key="data_drift",
+                title=f"Data drift in {len(data.drifted)} of {len(data.judged)} features",
+                features=_feature_drifts(data),
+            )
+        )
+    titles = {
+        "prediction_drift": "The reranker's score distribution drifted",
+        "served_prediction_drift": "Served scores drifted against the previous window",
+    }
+    for key, title in titles.items():
+        result = results.get(key)
+        if result is not None and result.drifted:
+            findings.append(
+                Finding(
+                    monitor=MONITOR,
+                    window=window,
+                    key=key,
+                    title=title,
+                    features=_feature_drifts(result),
+                )
+            )
+    if concept is not None:
+        for metric in concept.metrics:
+            if metric.worse:
+                findings.append(
+                    Finding(
+                        monitor=MONITOR,
+                        window=window,
+                        key=f"concept_drift:{metric.metric}",
+                        severity="critical",
+                        title=f"Concept drift: {metric.metric} got worse",
+                        detail=metric.describe(),
+                    )
+                )
+    return findings
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def _track(
+    config: RayrecConfig,
+    record: MonitorRecord,
+    folder: StoragePath,
+    results: dict[str, DriftResult],
+    concept: ConceptResult | None,
+) -> None:
+    """Metrics as time series (step: days since epoch of the window end), summary, reports."""
+    assert record.window.end is not None
+    step = (record.window.end - EPOCH).days
+    metrics: dict[str, float] = {
+        "monitor_rows": float(record.rows.get("window", 0)),
+        "monitor_findings": float(len(record.findings)),
+    }
+    for check, result in results.items():
+        metrics[f"{check}_share"] = result.drifted_share
+        metrics[f"{check}_columns"] = float(len(result.drifted))
+        for column in result.columns:
+            if column.statistic is not None:
+                metrics[f"{check}.{column.column}"] = float(column.statistic)
+        if check.endswith("prediction_drift"):
+            mean = result.columns[0].current.get("mean")
+            if mean is not None:
+                metrics[f"{check}.score_mean"] = float(mean)
+    if concept is not None:
+        for metric in concept.metrics:
+            metrics[f"concept_drift.{metric.metric}"] = metric.current
+            metrics[f"concept_drift.{metric.metric}_reference"] = metric.reference
+            metrics[f"concept_drift.{metric.metric}_drifted"] = float(metric.drifted)
+    nested = mlflow.active_run() is not None
+    if not nested:
+        setup_mlflow(config.mlflow, StoragePath.from_uri(config.paths.workdir))
+    tags = {"rayrec.monitor": MONITOR, "rayrec.window": record.key}
+    with mlflow.start_run(run_name=f"monitor-{record.key}", nested=nested, tags=tags) as run:
+        record.mlflow_run_id = run.info.run_id
+        mlflow.log_params({"window_start": record.window.start, "window_days": record.window_days})
+        mlflow.log_metrics(metrics, step=step)
+        mlflow.log_dict(record.to_dict(), "monitoring/summary.json")
+        for file in folder.files():
+            if file.is_local:
+                mlflow.log_artifact(file.path, "monitoring/reports")
+
+
+def reference_from_examples(
+    train: pl.DataFrame, scorer: Scorer, rows: int, seed: int
+) -> ReferenceProfile:
+    """The profile of ``rows`` rows drawn from ``train`` (the reranker's training part)."""
+    sample = sample_rows(train, rows, seed)
+    profile = ReferenceProfile.build(scorer.score(sample), scorer.spec, rows, seed)
+    return replace(profile, source_rows=train.height)

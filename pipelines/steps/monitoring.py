@@ -1,0 +1,145 @@
+"""Monitoring steps: the reference profile beside the model, and a monitor run on the newest window.
+
+``reference_profile``  ``monitoring.reference_rows`` rows of the reranker's
+                       training part (the ``features`` examples split as
+                       ``train_ranker`` split them), scored by the reranker
+                       serving uses; publishes ``profile/`` (a
+                       :class:`~monitoring.reference.ReferenceProfile`) and
+                       ``reference_meta.json`` (split, period, the model
+                       versions that scored it). Skips (with the reason) when
+                       no reranker was trained.
+``monitor``            :func:`pipelines.monitor.run_monitoring` on the newest
+                       ``monitoring.window_days`` of the examples; publishes
+                       its ``summary.json`` (the reports themselves live under
+                       ``<workdir>/monitoring/reports/``). Fails when an alert
+                       could not be delivered under ``on_smtp_failure: fail``
+                       (with recipients configured).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import polars as pl
+
+from features.dataset import read_examples
+from infra.errors import StepFailedError
+from pipelines.monitor import (
+    PROFILE_FOLDER,
+    REFERENCE_META,
+    REFERENCE_STEP,
+    SUMMARY_FILE,
+    load_scorer,
+    reference_from_examples,
+    run_monitoring,
+)
+from pipelines.ranker.spec_data import split_examples
+from pipelines.step import Step, StepContext, StepResult
+from pipelines.steps.ranker import tuned_settings
+
+
+def _skipped(ctx: StepContext, reason: str) -> StepResult:
+    ctx.output.join(REFERENCE_META).write_text_atomic(json.dumps({"skipped": reason}))
+    return StepResult(extra={"skipped": reason})
+
+
+def run_reference_profile(ctx: StepContext) -> StepResult:
+    if not (Path(ctx.input_path("train_ranker").local_path()) / "model").exists():
+        return _skipped(ctx, "no reranker was trained")
+    settings = tuned_settings(ctx)
+    frame = read_examples(ctx.input_path("features")).collect()
+    split = settings.split if "ts" in frame.columns else "random"
+    train, _, _ = split_examples(frame, split, settings.split_ratios, settings.seed)
+    scorer = load_scorer(
+        ctx.inputs["train_ranker"],
+        ctx.inputs.get("finetune_ranker"),
+        ctx.inputs.get("train_retrieval"),
+        ctx.config.features.history_length,
+    )
+    assert scorer is not None
+    if train.height == 0:
+        return _skipped(ctx, "the reranker's training part is empty")
+    rows, seed = ctx.config.monitoring.reference_rows, settings.seed
+    # The retrieval score (when the spec reads it) is computed on the sampled rows
+    # only (pipelines.steps.ranker.ranker_examples would score every row).
+    profile = reference_from_examples(train, scorer, rows, seed)
+    profile.save(ctx.output.join(PROFILE_FOLDER))
+    period = train.select(pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"))
+    meta = {
+        "split": split,
+        "split_ratios": list(settings.split_ratios),
+        "train_rows": train.height,
+        "rows": profile.rows,
+        "seed": seed,
+        "period": (
+            {k: v.isoformat() for k, v in period.row(0, named=True).items()}
+            if "ts" in train.columns
+            else None
+        ),
+        "reranker": scorer.reranker_step,
+        "scored_with": scorer.sources,
+        "features": list(profile.features),
+        "labels": list(profile.labels),
+        "score_mean": float(profile.frame.get_column("score").mean() or 0.0),
+    }
+    ctx.output.join(REFERENCE_META).write_text_atomic(json.dumps(meta, indent=2))
+    return StepResult(
+        row_counts={"reference": profile.rows, "source": train.height},
+        metrics={"reference_score_mean": meta["score_mean"]},
+        artifacts=(REFERENCE_META, f"{PROFILE_FOLDER}/reference.json"),
+        extra={"reranker": scorer.reranker_step},
+    )
+
+
+def run_monitor(ctx: StepContext) -> StepResult:
+    record = run_monitoring(ctx.config, track=mlflow.active_run() is not None)
+    summary = record.to_dict()
+    ctx.output.join(SUMMARY_FILE).write_text_atomic(json.dumps(summary, indent=2))
+    if record.delivery_failed:
+        raise StepFailedError(
+            f"monitor: reports at {record.reports}, but the alert was not delivered: "
+            f"{record.delivery_note}"
+        )
+    drifted = [c for c in record.checks if c["drifted"]]
+    return StepResult(
+        row_counts={k: int(v) for k, v in record.rows.items()},
+        metrics={"monitor_findings": float(len(record.findings)), "monitor_s": record.seconds},
+        artifacts=(SUMMARY_FILE,),
+        extra={
+            "window": record.key,
+            "findings": record.findings,
+            "drifted": [f"{c['check']}:{c['column']}" for c in drifted],
+        },
+    )
+
+
+REFERENCE_PROFILE = Step(
+    name=REFERENCE_STEP,
+    run=run_reference_profile,
+    description="a scored sample of the reranker's training rows: what drift is measured against",
+    inputs=("features", "tune_ranker", "train_ranker", "finetune_ranker", "train_retrieval"),
+    config_keys=(
+        "monitoring.reference_rows",
+        "models.ranker",
+        "features.history_length",
+    ),
+    code=(
+        "monitoring.reference",
+        "monitoring.columns",
+        "pipelines.monitor",
+        "pipelines.steps.monitoring",
+        "serving.encoding",
+        "serving.scoring",
+    ),
+)
+
+MONITOR_STEP = Step(
+    name="monitor",
+    run=run_monitor,
+    description="drift of the newest window against the reference; reports, alert e-mail",
+    inputs=("reference_profile", "features"),
+    config_keys=("monitoring",),
+    code=("monitoring", "pipelines.monitor", "pipelines.steps.monitoring"),
+)

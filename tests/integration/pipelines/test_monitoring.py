@@ -1,0 +1,259 @@
+"""Monitoring on the tiny pipeline's own data: the reference step, monitor runs, alerts, MLflow.
+
+Builds on the session's ``tiny_default_style_run`` (copied: these tests write
+into the workdir). The tiny world has no drift event, but its 5 days are all
+warm-up: cumulative counters (``*_total``, ``*_seconds_since_first``,
+``item_age_days``) and the calendar (``weekday``) differ between the training
+days and the last day by construction, so the clean window's assertions are
+about the features that are stationary there (static attributes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+import json
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from aiosmtpd.controller import Controller
+
+from infra.config import RayrecConfig, load_config
+from monitoring.reference import ReferenceProfile
+from pipelines.cli import main
+from pipelines.main import MAIN
+from pipelines.monitor import (
+    EPOCH,
+    LAST_RUN_FILE,
+    PROFILE_FOLDER,
+    REFERENCE_META,
+    SUMMARY_FILE,
+    run_monitoring,
+)
+from pipelines.runner import published, run_pipeline
+
+STATIONARY = ("item_price", "item_quality", "item_category", "user_device")
+SHIFTED = "item_price"
+
+
+def _config(workdir: Path, *sets: str) -> RayrecConfig:
+    return load_config(
+        "tiny",
+        [
+            f"paths.workdir={workdir}",
+            "models.split.kind=temporal",
+            "models.ranker.retrieval_score=true",
+            *sets,
+        ],
+        environ={},
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(
+    tiny_default_style_run: RayrecConfig, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A copy of the session's tiny workdir with the reference profile published."""
+    workdir = tmp_path_factory.mktemp("monitoring") / "wd"
+    shutil.copytree(tiny_default_style_run.paths.workdir, workdir)
+    run_pipeline(MAIN, _config(workdir), until="reference_profile", track=False)
+    return workdir
+
+
+@pytest.fixture()
+def workdir(prepared: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "wd"
+    shutil.copytree(prepared, target)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.envelopes.append(envelope)
+        return "250 Message accepted"
+
+    @property
+    def messages(self) -> list[email.message.EmailMessage]:
+        return [
+            email.message_from_bytes(e.original_content, policy=email.policy.default)
+            for e in self.envelopes
+        ]
+
+
+@pytest.fixture()
+def smtp() -> Iterator[tuple[int, Inbox]]:
+    port, inbox = free_port(), Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield port, inbox
+    controller.stop()
+
+
+def _alert_sets(port: int) -> list[str]:
+    return [
+        "monitoring.alerts.smtp.host=127.0.0.1",
+        f"monitoring.alerts.smtp.port={port}",
+        "monitoring.alerts.smtp.recipients=[oncall@example.com]",
+        "monitoring.alerts.smtp.sender=rayrec@example.com",
+        "monitoring.alerts.attempts=1",
+        "monitoring.alerts.backoff_s=0",
+    ]
+
+
+def _shift_last_day(config: RayrecConfig, column: str, factor: float) -> dt.date:
+    """Multiply ``column`` of the newest day's examples by ``factor``, in place."""
+    examples = published(config, "features").path.local_path() / "examples"
+    newest = sorted(examples.glob("date=*"))[-1]
+    for part in newest.glob("*.parquet"):
+        frame = pl.read_parquet(part)
+        frame.with_columns(pl.col(column) * factor).write_parquet(part)
+    return dt.date.fromisoformat(newest.name.removeprefix("date="))
+
+
+def test_reference_profile_has_the_spec_columns_score_and_label(prepared: Path) -> None:
+    config = _config(prepared)
+    current = published(config, "reference_profile")
+    assert current is not None
+    profile = ReferenceProfile.load(current.path.join(PROFILE_FOLDER))
+    meta = json.loads(current.path.join(REFERENCE_META).read_text())
+    spec = json.loads(
+        (
+            published(config, "train_ranker").path.local_path() / "model" / "feature_spec.json"
+        ).read_text()
+    )
+    monitored = [f["name"] for f in spec["features"] if f["kind"] in ("numeric", "categorical")]
+    assert list(profile.features) == monitored
+    assert "retrieval_score" in profile.features
+    assert profile.predictions == ("score",)
+    assert profile.labels[0] == "label"
+    assert profile.frame.columns == [*monitored, "score", *profile.labels]
+    scores = profile.frame.get_column("score")
+    assert scores.null_count() == 0 and 0.0 <= scores.min() <= scores.max() <= 1.0
+    # Drawn from the reranker's training part (80% of the rows by time).
+    assert profile.rows == min(config.monitoring.reference_rows, meta["train_rows"])
+    assert meta["train_rows"] == profile.source_rows
+    assert 0.75 < meta["train_rows"] / 10_000 < 0.85
+    assert set(meta["scored_with"]) >= {"train_ranker", "train_retrieval"}
+    newest_train = dt.datetime.fromisoformat(meta["period"]["end"])
+    assert profile.frame.height > 0 and newest_train.date() < dt.date(2026, 1, 5)
+
+
+def test_clean_window_writes_reports_and_summary(workdir: Path) -> None:
+    config = _config(workdir)
+    record = run_monitoring(config, track=False)
+    assert record.window.end is not None and record.window.end.hour == 0
+    assert record.window.end - record.window.start == dt.timedelta(days=1)
+    assert record.rows["window"] > 1000
+    folder = Path(record.reports)
+    for name in (
+        SUMMARY_FILE,
+        "data_drift.html",
+        "data_drift.json",
+        "prediction_drift.html",
+        "prediction_drift.json",
+        "concept_drift.json",
+    ):
+        assert (folder / name).stat().st_size > 0, name
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    assert summary["window"]["key"] == record.key
+    checks = {(c["check"], c["column"]): c for c in summary["checks"]}
+    profile_features = json.loads(
+        (published(config, "reference_profile").path.local_path() / REFERENCE_META).read_text()
+    )["features"]
+    assert {c for k, c in checks if k == "data_drift"} == set(profile_features)
+    for column in STATIONARY:
+        assert not checks[("data_drift", column)]["drifted"], checks[("data_drift", column)]
+    assert ("prediction_drift", "score") in checks
+    concept = [c for (k, _), c in checks.items() if k == "concept_drift"]
+    assert {c["column"] for c in concept} == {"auc", "logloss", "ece"}
+    assert not any(c["drifted"] for c in concept)
+    # No recipients configured (the default): findings dead-letter, the run succeeds.
+    assert not record.delivery_failed
+    assert (folder.parent / LAST_RUN_FILE).exists()
+
+
+def test_shifted_feature_alerts_once_and_lands_in_mlflow(
+    workdir: Path, smtp: tuple[int, Inbox], tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    port, inbox = smtp
+    # The clean window first, without recipients (its warm-up findings dead-letter).
+    clean = run_monitoring(_config(workdir), track=False)
+    assert not any(c["drifted"] for c in clean.checks if c["column"] == SHIFTED)
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _config(workdir, *_alert_sets(port), f"mlflow.tracking_uri={tracking}")
+    day = _shift_last_day(config, SHIFTED, 3.0)
+    record = run_monitoring(config, window_end=day + dt.timedelta(days=1), track=True)
+    assert record.key == clean.key
+    drifted = {c["column"] for c in record.checks if c["check"] == "data_drift" and c["drifted"]}
+    assert SHIFTED in drifted
+    assert "data_drift" in record.findings
+    assert record.delivery is not None and not record.delivery_failed
+    assert "data_drift" in record.delivery.sent
+    assert len(inbox.envelopes) == 1
+    message = inbox.messages[0]
+    body = message.get_body(("plain",)).get_content()
+    assert SHIFTED in body and "wasserstein" in body
+    assert "reranker" in message["Subject"]
+    assert message["To"] == "oncall@example.com"
+
+    rerun = run_monitoring(config, window_end=day + dt.timedelta(days=1), track=True)
+    assert rerun.delivery is not None and not rerun.delivery.sent
+    assert set(rerun.delivery.suppressed_duplicate) == set(rerun.findings)
+    assert len(inbox.envelopes) == 1
+
+    client = MlflowClient(tracking)
+    history = client.get_metric_history(record.mlflow_run_id, f"data_drift.{SHIFTED}")
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    assert [m.step for m in history] == [(end - EPOCH).days]
+    assert history[0].value > config.monitoring.drift.distance_threshold
+    run = client.get_run(record.mlflow_run_id)
+    assert run.data.metrics["monitor_findings"] == len(record.findings)
+    artifacts = {a.path for a in client.list_artifacts(record.mlflow_run_id, "monitoring")}
+    assert "monitoring/summary.json" in artifacts
+    reports = {a.path for a in client.list_artifacts(record.mlflow_run_id, "monitoring/reports")}
+    assert "monitoring/reports/data_drift.html" in reports
+
+
+def test_cli_monitor_run_prints_the_table_and_fails_only_on_failed_delivery(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "-p",
+        "tiny",
+        "--set",
+        f"paths.workdir={workdir}",
+        "--set",
+        "models.split.kind=temporal",
+        "--set",
+        "models.ranker.retrieval_score=true",
+    ]
+    code = main(["monitor", "run", *base, "--window-days", "1", "--no-track"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for word in ("check", "column", "statistic", "threshold", "drifted", "item_price", "score"):
+        assert word in printed
+
+    # SMTP down with recipients and on_smtp_failure=fail: dead letter and a non-zero exit.
+    down = [*_alert_sets(free_port()), "monitoring.alerts.smtp.timeout_s=2"]
+    sets = [item for pair in (("--set", s) for s in down) for item in pair]
+    code = main(["monitor", "run", *base, *sets, "--window-end", "2026-01-06", "--no-track"])
+    assert code != 0
+    assert (workdir / "monitoring" / "dead_letter.jsonl").exists()
