@@ -109,7 +109,7 @@ def champion_sources(config: RayrecConfig) -> ModelSources:
             mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{name}/{version.version}", dst_path=str(folder)
             )
-            StoragePath.from_uri(str(folder / "DOWNLOADED")).write_text_atomic(version.version)
+            StoragePath.from_uri(str(folder / "DOWNLOADED")).write_text_atomic(str(version.version))
         return _pyfunc_artifacts(folder), f"{name}/v{version.version}"
 
     retrieval, retrieval_version = download(config.models.retrieval.registered_model)
