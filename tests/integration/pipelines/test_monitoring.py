@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 from aiosmtpd.controller import Controller
@@ -257,3 +258,48 @@ def test_cli_monitor_run_prints_the_table_and_fails_only_on_failed_delivery(
     code = main(["monitor", "run", *base, *sets, "--window-end", "2026-01-06", "--no-track"])
     assert code != 0
     assert (workdir / "monitoring" / "dead_letter.jsonl").exists()
+
+
+def test_served_scores_are_judged_against_the_previous_window(workdir: Path) -> None:
+    from features.event_log import EventLog
+    from features.schemas import PREDICTIONS
+
+    config = _config(workdir)
+    log = EventLog(workdir / "prediction_log", PREDICTIONS)
+    rng = np.random.default_rng(0)
+
+    def answers(day: dt.date, mean: float, n: int = 3000) -> pl.DataFrame:
+        start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+        return pl.DataFrame(
+            {
+                "request_id": np.arange(n, dtype=np.int64) + day.toordinal() * n,
+                "ts": [start + dt.timedelta(seconds=int(s)) for s in rng.integers(0, 86_400, n)],
+                "user_id": rng.integers(0, 100, n),
+                "item_id": rng.integers(0, 100, n),
+                "position": pl.Series(np.arange(n) % 10, dtype=pl.Int32),
+                "score": np.clip(rng.normal(mean, 0.05, n), 0, 1),
+                "retrieval_score": rng.normal(0, 1, n),
+                "propensity": np.ones(n),
+                "fallback": np.zeros(n, dtype=bool),
+                "reranked": np.ones(n, dtype=bool),
+                "generation": np.ones(n, dtype=np.int64),
+                "reranker_version": ["v1"] * n,
+                "two_tower_version": ["v1"] * n,
+            },
+            schema_overrides={"ts": pl.Datetime("us", "UTC")},
+        )
+
+    log.append(answers(dt.date(2026, 1, 4), 0.2))
+    log.append(answers(dt.date(2026, 1, 5), 0.4))
+    record = run_monitoring(config, window_end=dt.date(2026, 1, 6), track=False)
+    assert record.rows["served"] == 3000 and record.rows["served_previous"] == 3000
+    served = [c for c in record.checks if c["check"] == "served_prediction_drift"]
+    assert [c["column"] for c in served] == ["score"] and served[0]["drifted"]
+    assert "served_prediction_drift" in record.findings
+    assert (Path(record.reports) / "served_prediction_drift.html").exists()
+
+    # The window before has no earlier window in the log: served rows are counted, not judged.
+    record = run_monitoring(config, window_end=dt.date(2026, 1, 5), track=False)
+    assert record.rows["served"] == 3000 and record.rows["served_previous"] == 0
+    assert not any(c["check"] == "served_prediction_drift" for c in record.checks)
+    assert "served_note" in record.to_dict()
