@@ -143,6 +143,16 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     assert main(["evaluate", "two-stage", *args[1:]]) == 0
     assert "candidate_recall@100" in capsys.readouterr().out
 
+    # Monitoring ran last: a reference profile beside the reranker, the newest day judged
+    # against it, reports on disk, a nested MLflow run with the drift metrics.
+    reference = published(config, "reference_profile")
+    assert reference is not None and reference.manifest["row_counts"]["reference"] > 0
+    monitored = json.loads(published(config, "monitor").path.join("summary.json").read_text())  # type: ignore[union-attr]
+    assert monitored["rows"]["window"] > 0
+    assert (Path(monitored["reports"]) / "data_drift.html").exists()
+    monitor_run = next(c for c in children if c.info.run_name.startswith("monitor-"))
+    assert "prediction_drift.score" in monitor_run.data.metrics
+
 
 def test_bad_rows_are_quarantined_and_the_step_fails_above_the_bound(
     workdir: Path, capsys: pytest.CaptureFixture[str]
