@@ -610,7 +610,8 @@ def monitor_run(
     rows = record.rows.get("window", 0)
     table = Table(title=f"monitor {record.key}: {rows:,} rows")
     for column in ("check", "column", "test", "statistic", "threshold", "drifted"):
-        table.add_column(column)
+        # Fold, not truncate: a feature's name is what the reader looks for.
+        table.add_column(column, overflow="fold")
     for check in record.checks:
         threshold = check["threshold"]
         if isinstance(threshold, list):
@@ -620,7 +621,7 @@ def monitor_run(
         statistic = check["statistic"]
         verdict = ("yes" if check["drifted"] else "no") if check["judged"] else check["note"]
         table.add_row(
-            check["check"],
+            check["check"].removesuffix("_drift"),
             check["column"],
             check["test"] or "-",
             "-" if statistic is None else f"{statistic:.4g}",
