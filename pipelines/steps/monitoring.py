@@ -13,7 +13,8 @@
                        its ``summary.json`` (the reports themselves live under
                        ``<workdir>/monitoring/reports/``). Fails when an alert
                        could not be delivered under ``on_smtp_failure: fail``
-                       (with recipients configured).
+                       (with recipients configured). Skips (with the reason)
+                       without a reference profile or on a table without time.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _skipped(ctx: StepContext, reason: str) -> StepResult:
     return StepResult(extra={"skipped": reason})
 
 
+def _skip_monitor(ctx: StepContext, reason: str) -> StepResult:
+    ctx.output.join(SUMMARY_FILE).write_text_atomic(json.dumps({"skipped": reason}))
+    return StepResult(extra={"skipped": reason})
+
+
 def run_reference_profile(ctx: StepContext) -> StepResult:
     if not (Path(ctx.input_path("train_ranker").local_path()) / "model").exists():
         return _skipped(ctx, "no reranker was trained")
@@ -66,18 +72,17 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
     # only (pipelines.steps.ranker.ranker_examples would score every row).
     profile = reference_from_examples(train, scorer, rows, seed)
     profile.save(ctx.output.join(PROFILE_FOLDER))
-    period = train.select(pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"))
+    period = None
+    if "ts" in train.columns:
+        bounds = train.select(pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"))
+        period = {key: value.isoformat() for key, value in bounds.row(0, named=True).items()}
     meta = {
         "split": split,
         "split_ratios": list(settings.split_ratios),
         "train_rows": train.height,
         "rows": profile.rows,
         "seed": seed,
-        "period": (
-            {k: v.isoformat() for k, v in period.row(0, named=True).items()}
-            if "ts" in train.columns
-            else None
-        ),
+        "period": period,
         "reranker": scorer.reranker_step,
         "scored_with": scorer.sources,
         "features": list(profile.features),
@@ -94,6 +99,12 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
 
 
 def run_monitor(ctx: StepContext) -> StepResult:
+    reference = ctx.inputs[REFERENCE_STEP]
+    if not reference.path.join(PROFILE_FOLDER, "reference.json").exists():
+        reason = f"no reference profile ({reference.manifest.get('skipped', 'not published')})"
+        return _skip_monitor(ctx, reason)
+    if "ts" not in read_examples(ctx.input_path("features")).collect_schema().names():
+        return _skip_monitor(ctx, "a table without time has no windows to monitor")
     record = run_monitoring(ctx.config, track=mlflow.active_run() is not None)
     summary = record.to_dict()
     ctx.output.join(SUMMARY_FILE).write_text_atomic(json.dumps(summary, indent=2))
