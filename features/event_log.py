@@ -51,6 +51,7 @@ import polars as pl
 
 from features.schemas import EVENTS, TableContract, check_schema
 from features.validation import ValidationRules, validate_table
+from infra.config import RayrecConfig
 from infra.errors import ConfigError, DataValidationError
 from infra.storage import StoragePath
 
@@ -63,6 +64,17 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 # Staged batches younger than this may still be in flight in another process.
 DEFAULT_MIN_STAGING_AGE = dt.timedelta(hours=1)
+
+
+def event_log_root(config: RayrecConfig) -> str:
+    """Where serving appends events: ``serving.event_log``, or ``<workdir>/event_log``."""
+    return config.serving.event_log or f"{config.paths.workdir.rstrip('/')}/event_log"
+
+
+def prediction_log_root(config: RayrecConfig) -> str:
+    """Where serving logs its answers: ``serving.prediction_log``, or
+    ``<workdir>/prediction_log`` (read with ``EventLog(root, PREDICTIONS)``)."""
+    return config.serving.prediction_log or f"{config.paths.workdir.rstrip('/')}/prediction_log"
 
 
 class BatchState(StrEnum):

@@ -60,7 +60,7 @@ import mlflow
 import polars as pl
 
 from features.dataset import read_examples
-from features.event_log import EventLog
+from features.event_log import EventLog, prediction_log_root
 from features.feature_spec import SPEC_FILE, FeatureSpec
 from features.schemas import PREDICTIONS
 from infra.config import RayrecConfig
@@ -264,12 +264,6 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 
 # --------------------------------------------------------------------------- run
-
-
-def prediction_log_root(config: RayrecConfig) -> str:
-    """``serving.prediction_log``, or ``<workdir>/prediction_log`` (as
-    :func:`serving.service.prediction_log_path`, without importing Ray Serve)."""
-    return config.serving.prediction_log or f"{config.paths.workdir.rstrip('/')}/prediction_log"
 
 
 def served_scores(config: RayrecConfig, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:

@@ -271,11 +271,6 @@ class RecommenderIngress:
         # generation meanwhile.
         await asyncio.to_thread(self.state.load, ServedModels.model_validate(user_config))
 
-    def check_health(self) -> None:
-        # Alive even when not ready: a replica waiting for models must not be
-        # restarted in a loop (readiness is /readyz's business).
-        return None
-
 
 def build_app(config: RayrecConfig, models: ServedModels) -> serve.Application:
     """The typed application builder: the deployment with ``serving.app``'s options, bound to ``config``."""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from features.event_log import EventLog
+from features.event_log import EventLog, event_log_root, prediction_log_root
 from features.online_store import OnlineStore, make_online_store
 from features.schemas import PREDICTIONS
 from infra.config import RayrecConfig
@@ -94,11 +94,11 @@ class ServingState:
         self.config = config
         self.clock = clock
         self.store: OnlineStore = make_online_store(config.features, config.paths.workdir)
-        self.events = EventIngest(self.store, EventLog(event_log_path(config)), clock)
+        self.events = EventIngest(self.store, EventLog(event_log_root(config)), clock)
         self.predictions: PredictionRecorder | None = None
         if config.serving.record_predictions:
             self.predictions = PredictionRecorder(
-                EventLog(prediction_log_path(config), PREDICTIONS),
+                EventLog(prediction_log_root(config), PREDICTIONS),
                 config.serving.prediction_log_flush_rows,
                 config.serving.prediction_log_flush_s,
             )
@@ -200,16 +200,6 @@ class ServingState:
         if self.predictions is not None:
             self.predictions.close()
         self.store.close()
-
-
-def event_log_path(config: RayrecConfig) -> str:
-    """``serving.event_log``, or ``<workdir>/event_log``."""
-    return config.serving.event_log or f"{config.paths.workdir.rstrip('/')}/event_log"
-
-
-def prediction_log_path(config: RayrecConfig) -> str:
-    """``serving.prediction_log``, or ``<workdir>/prediction_log``."""
-    return config.serving.prediction_log or f"{config.paths.workdir.rstrip('/')}/prediction_log"
 
 
 def _now() -> dt.datetime:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +79,63 @@ def tiny_default_style_run(
     for step in ("finetune_ranker", "index", "materialize"):
         run_pipeline(MAIN, config, until=step, track=False)
     return config
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function giving a free TCP port on 127.0.0.1, for servers a test starts
+    (aiosmtpd's ``Controller(port=0)`` cannot find its own port; Serve needs one given)."""
+    return _free_port
+
+
+class SmtpInbox:
+    """An aiosmtpd handler that keeps what arrived."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.envelopes.append(envelope)
+        return "250 Message accepted"
+
+    @property
+    def messages(self) -> list[EmailMessage]:
+        return [
+            email.message_from_bytes(env.original_content, policy=email.policy.default)
+            for env in self.envelopes
+        ]
+
+
+class SmtpServer:
+    """A started aiosmtpd ``controller``, its ``inbox`` and ``port``."""
+
+    def __init__(self, controller: Any, inbox: SmtpInbox, port: int) -> None:
+        self.controller, self.inbox, self.port = controller, inbox, port
+
+
+@pytest.fixture()
+def smtp_server(free_port: Callable[[], int]) -> Iterator[Callable[..., SmtpServer]]:
+    """Starts real aiosmtpd servers on 127.0.0.1 (``port``, Controller keyword arguments:
+    TLS, auth); stops them after the test."""
+    from aiosmtpd.controller import Controller
+
+    started: list[Any] = []
+
+    def start(port: int | None = None, **kwargs: Any) -> SmtpServer:
+        port = port or free_port()
+        inbox = SmtpInbox()
+        controller = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
+        server = SmtpServer(controller, inbox, port)
+        controller.start()
+        started.append(controller)
+        return server
+
+    yield start
+    for controller in started:
+        controller.stop()

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import email
-import email.policy
 import ipaddress
 import json
-import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from infra.config import AlertConfig, SmtpConfig
@@ -37,54 +33,7 @@ T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 
 
 # --------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    # aiosmtpd's Controller(port=0) cannot find its own port: pick one first.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Inbox:
-    """An aiosmtpd handler that keeps what arrived."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.envelopes.append(envelope)
-        return "250 Message accepted"
-
-    @property
-    def messages(self) -> list[EmailMessage]:
-        return [
-            email.message_from_bytes(env.original_content, policy=email.policy.default)
-            for env in self.envelopes
-        ]
-
-
-class Server:
-    def __init__(self, controller: Controller, inbox: Inbox, port: int) -> None:
-        self.controller, self.inbox, self.port = controller, inbox, port
-
-
-@pytest.fixture()
-def smtp_server() -> Iterator[Callable[..., Server]]:
-    started: list[Controller] = []
-
-    def start(port: int | None = None, **kwargs: Any) -> Server:
-        port = port or free_port()
-        inbox = Inbox()
-        controller = Controller(inbox, hostname="127.0.0.1", port=port, **kwargs)
-        server = Server(controller, inbox, port)
-        controller.start()
-        started.append(controller)
-        return server
-
-    yield start
-    for controller in started:
-        controller.stop()
+# (free_port, smtp_server: tests/conftest.py)
 
 
 def authenticating(server_logins: list[tuple[str, str]]) -> Callable[..., AuthResult]:
@@ -183,7 +132,7 @@ def text_part(msg: EmailMessage) -> str:
 
 
 def test_alert_arrives_with_table_link_and_small_attachment(
-    smtp_server: Callable[..., Server], tmp_path: Path
+    smtp_server: Callable[..., Any], tmp_path: Path
 ) -> None:
     server = smtp_server()
     workdir = tmp_path / "workdir"
@@ -228,7 +177,7 @@ def test_alert_arrives_with_table_link_and_small_attachment(
 
 
 def test_large_report_is_linked_by_path_not_attached(
-    smtp_server: Callable[..., Server], tmp_path: Path
+    smtp_server: Callable[..., Any], tmp_path: Path
 ) -> None:
     server = smtp_server()
     report = tmp_path / "big.html"
@@ -271,7 +220,7 @@ def test_everything_in_the_body_is_escaped() -> None:
     assert "\n" not in rendered.subject
 
 
-def test_no_finding_sends_nothing(smtp_server: Callable[..., Server], tmp_path: Path) -> None:
+def test_no_finding_sends_nothing(smtp_server: Callable[..., Any], tmp_path: Path) -> None:
     server = smtp_server()
     sender = AlertSender(alert_config(server.port), str(tmp_path))
 
@@ -281,7 +230,7 @@ def test_no_finding_sends_nothing(smtp_server: Callable[..., Server], tmp_path: 
     assert server.inbox.envelopes == [] and ledger(tmp_path) == []
 
 
-def test_disabled_alerts_send_nothing(smtp_server: Callable[..., Server], tmp_path: Path) -> None:
+def test_disabled_alerts_send_nothing(smtp_server: Callable[..., Any], tmp_path: Path) -> None:
     server = smtp_server()
     sender = AlertSender(alert_config(server.port, enabled=False), str(tmp_path))
 
@@ -292,7 +241,7 @@ def test_disabled_alerts_send_nothing(smtp_server: Callable[..., Server], tmp_pa
 
 
 def test_rerun_of_the_same_window_sends_no_duplicate(
-    smtp_server: Callable[..., Server], tmp_path: Path
+    smtp_server: Callable[..., Any], tmp_path: Path
 ) -> None:
     server = smtp_server()
     config = alert_config(server.port)
@@ -308,7 +257,7 @@ def test_rerun_of_the_same_window_sends_no_duplicate(
 
 
 def test_cooldown_suppresses_the_same_finding_in_the_next_window(
-    smtp_server: Callable[..., Server], tmp_path: Path
+    smtp_server: Callable[..., Any], tmp_path: Path
 ) -> None:
     server = smtp_server()
     sender = AlertSender(
@@ -339,7 +288,7 @@ def test_cooldown_suppresses_the_same_finding_in_the_next_window(
 
 
 def test_a_persisting_drift_is_mailed_once_until_it_has_been_gone_a_cooldown(
-    smtp_server: Callable[..., Server], tmp_path: Path
+    smtp_server: Callable[..., Any], tmp_path: Path
 ) -> None:
     server = smtp_server()
     sender = AlertSender(alert_config(server.port, cooldown_hours=24), str(tmp_path))
@@ -352,7 +301,7 @@ def test_a_persisting_drift_is_mailed_once_until_it_has_been_gone_a_cooldown(
 
 
 def test_cooldown_of_id_only_windows_follows_the_wall_clock(
-    smtp_server: Callable[..., Server], tmp_path: Path
+    smtp_server: Callable[..., Any], tmp_path: Path
 ) -> None:
     server = smtp_server()
     now = [T0]
@@ -377,7 +326,8 @@ def test_cooldown_of_id_only_windows_follows_the_wall_clock(
 
 def test_smtp_down_dead_letters_without_secrets_and_fails(
     tmp_path: Path,
-    smtp_server: Callable[..., Server],
+    smtp_server: Callable[..., Any],
+    free_port: Callable[[], int],
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -411,7 +361,7 @@ def test_smtp_down_dead_letters_without_secrets_and_fails(
     assert sender.send(make_alert(1, data_drift(1))).suppressed_duplicate == ("data_drift",)
 
 
-def test_smtp_down_warns_when_configured_to(tmp_path: Path) -> None:
+def test_smtp_down_warns_when_configured_to(tmp_path: Path, free_port: Callable[[], int]) -> None:
     config = alert_config(free_port(), on_smtp_failure="warn", attempts=1)
     dead = tmp_path / "elsewhere" / "dead.jsonl"
     config = config.model_copy(update={"dead_letter": str(dead)})
@@ -424,7 +374,7 @@ def test_smtp_down_warns_when_configured_to(tmp_path: Path) -> None:
     assert len(dead.read_text().splitlines()) == 1
 
 
-def test_login_with_user_and_password(smtp_server: Callable[..., Server], tmp_path: Path) -> None:
+def test_login_with_user_and_password(smtp_server: Callable[..., Any], tmp_path: Path) -> None:
     logins: list[tuple[str, str]] = []
     server = smtp_server(authenticator=authenticating(logins), auth_require_tls=False)
     config = alert_config(server.port, smtp={"user": "alerts", "password": PASSWORD})
@@ -436,7 +386,7 @@ def test_login_with_user_and_password(smtp_server: Callable[..., Server], tmp_pa
 
 
 def test_rejected_login_is_not_retried_and_never_leaks(
-    smtp_server: Callable[..., Server], tmp_path: Path
+    smtp_server: Callable[..., Any], tmp_path: Path
 ) -> None:
     logins: list[tuple[str, str]] = []
     server = smtp_server(authenticator=authenticating(logins), auth_require_tls=False)
@@ -501,7 +451,7 @@ def _server_tls(cert_key: tuple[Path, Path]) -> ssl.SSLContext:
 
 
 def test_starttls_with_login(
-    smtp_server: Callable[..., Server], tmp_path: Path, self_signed: tuple[Path, Path]
+    smtp_server: Callable[..., Any], tmp_path: Path, self_signed: tuple[Path, Path]
 ) -> None:
     logins: list[tuple[str, str]] = []
     server = smtp_server(
@@ -523,7 +473,7 @@ def test_starttls_with_login(
 
 
 def test_untrusted_certificate_fails_without_retry(
-    smtp_server: Callable[..., Server], tmp_path: Path, self_signed: tuple[Path, Path]
+    smtp_server: Callable[..., Any], tmp_path: Path, self_signed: tuple[Path, Path]
 ) -> None:
     server = smtp_server(tls_context=_server_tls(self_signed), require_starttls=True)
     config = alert_config(server.port, smtp={"security": "starttls"}, on_smtp_failure="warn")
@@ -536,7 +486,7 @@ def test_untrusted_certificate_fails_without_retry(
 
 
 def test_implicit_tls(
-    smtp_server: Callable[..., Server], tmp_path: Path, self_signed: tuple[Path, Path]
+    smtp_server: Callable[..., Any], tmp_path: Path, self_signed: tuple[Path, Path]
 ) -> None:
     server = smtp_server(ssl_context=_server_tls(self_signed))
     config = alert_config(server.port, smtp={"security": "ssl"})
@@ -549,7 +499,7 @@ def test_implicit_tls(
     assert result.sent == ("data_drift",) and len(server.inbox.envelopes) == 1
 
 
-def test_test_email(smtp_server: Callable[..., Server]) -> None:
+def test_test_email(smtp_server: Callable[..., Any], free_port: Callable[[], int]) -> None:
     logins: list[tuple[str, str]] = []
     server = smtp_server(authenticator=authenticating(logins), auth_require_tls=False)
     config = alert_config(server.port, smtp={"user": "alerts", "password": PASSWORD})
@@ -566,7 +516,9 @@ def test_test_email(smtp_server: Callable[..., Server]) -> None:
     assert PASSWORD not in str(raised.value)
 
 
-def test_no_recipients_keeps_the_alert_in_the_dead_letter(tmp_path: Path) -> None:
+def test_no_recipients_keeps_the_alert_in_the_dead_letter(
+    tmp_path: Path, free_port: Callable[[], int]
+) -> None:
     config = alert_config(free_port(), smtp={"recipients": ()}, on_smtp_failure="warn")
 
     result = AlertSender(config, str(tmp_path)).send(make_alert(1, data_drift(1)))
@@ -575,7 +527,7 @@ def test_no_recipients_keeps_the_alert_in_the_dead_letter(tmp_path: Path) -> Non
     assert (tmp_path / "monitoring" / "dead_letter.jsonl").exists()
 
 
-def test_cli_test_email_arrives(smtp_server: Callable[..., Server], tmp_path: Path) -> None:
+def test_cli_test_email_arrives(smtp_server: Callable[..., Any], tmp_path: Path) -> None:
     from pipelines.cli import main
 
     server = smtp_server()

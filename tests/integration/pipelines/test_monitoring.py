@@ -11,19 +11,15 @@ about the features that are stationary there (static attributes).
 from __future__ import annotations
 
 import datetime as dt
-import email
-import email.policy
 import json
 import shutil
-import socket
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
-from aiosmtpd.controller import Controller
 
 from infra.config import RayrecConfig, load_config
 from monitoring.reference import ReferenceProfile
@@ -74,35 +70,11 @@ def workdir(prepared: Path, tmp_path: Path) -> Path:
     return target
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.envelopes: list[Any] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.envelopes.append(envelope)
-        return "250 Message accepted"
-
-    @property
-    def messages(self) -> list[email.message.EmailMessage]:
-        return [
-            email.message_from_bytes(e.original_content, policy=email.policy.default)
-            for e in self.envelopes
-        ]
-
-
 @pytest.fixture()
-def smtp() -> Iterator[tuple[int, Inbox]]:
-    port, inbox = free_port(), Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield port, inbox
-    controller.stop()
+def smtp(smtp_server: Callable[..., Any]) -> tuple[int, Any]:
+    """A real aiosmtpd server (tests/conftest.py): its port and inbox."""
+    server = smtp_server()
+    return server.port, server.inbox
 
 
 def _alert_sets(port: int) -> list[str]:
@@ -189,7 +161,7 @@ def test_clean_window_writes_reports_and_summary(workdir: Path) -> None:
 
 
 def test_shifted_feature_alerts_once_and_lands_in_mlflow(
-    workdir: Path, smtp: tuple[int, Inbox], tmp_path: Path
+    workdir: Path, smtp: tuple[int, Any], tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -234,7 +206,7 @@ def test_shifted_feature_alerts_once_and_lands_in_mlflow(
 
 
 def test_cli_monitor_run_prints_the_table_and_fails_only_on_failed_delivery(
-    workdir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path, capsys: pytest.CaptureFixture[str], free_port: Callable[[], int]
 ) -> None:
     base = [
         "-p",

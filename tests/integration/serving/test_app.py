@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -31,12 +30,6 @@ pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 REPLICAS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclasses.dataclass
 class RunningApp:
     config: RayrecConfig
@@ -48,7 +41,9 @@ class RunningApp:
 
 @pytest.fixture(scope="module")
 def app(
-    tiny_default_style_run: RayrecConfig, tmp_path_factory: pytest.TempPathFactory
+    tiny_default_style_run: RayrecConfig,
+    tmp_path_factory: pytest.TempPathFactory,
+    free_port: Callable[[], int],
 ) -> Iterator[RunningApp]:
     from ray import serve
 
@@ -70,7 +65,7 @@ def app(
             # k past the tiny catalogue (200 items) must be askable.
             "serving.candidates=300",
             "serving.max_k=300",
-            f"serving.app.port={_free_port()}",
+            f"serving.app.port={free_port()}",
             f"serving.app.num_replicas={REPLICAS}",
             "serving.app.num_cpus=0.5",
         ],

@@ -7,10 +7,10 @@ other commands run in process through :func:`pipelines.cli.main`.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,16 +22,13 @@ from pipelines.cli import main
 pytestmark = [pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_serve_lifecycle(
-    tiny_default_style_run: RayrecConfig, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    tiny_default_style_run: RayrecConfig,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    free_port: Callable[[], int],
 ) -> None:
-    port = _free_port()
+    port = free_port()
     args = ["--preset", "tiny"]
     for override in (
         f"paths.workdir={tiny_default_style_run.paths.workdir}",
