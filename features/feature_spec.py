@@ -39,6 +39,27 @@ class Normalization(StrEnum):
     MINMAX = "minmax"
 
 
+class DriftRole(StrEnum):
+    """How drift monitoring treats a feature (:func:`monitoring.columns.judged_columns`).
+
+    Only ``reference`` features are compared with the reference profile: the
+    others move with time by construction, so a test on them flags every window
+    of a healthy log (on the tiny world 49 of 57 features did before the roles).
+    """
+
+    REFERENCE = "reference"
+    # Moves with the log's or the entity's age: lifetime counts, rates and
+    # distinct counts, seconds since first or last seen, item age. Windowed
+    # counts carry the same behaviour and are judged.
+    GROWING = "growing"
+    # An entity id: which users and items a window holds is the sketch checks' job
+    # (DAU from HLL, the popularity head from Count-Min), not a per-column test.
+    IDENTIFIER = "identifier"
+    # A calendar field with a weekly cycle: a window shorter than a week holds only
+    # some of its values, so it is judged only on windows of 7 days or more.
+    CALENDAR = "calendar"
+
+
 class Feature(BaseModel):
     """One feature: what it is, where it lives, and how to encode it."""
 
@@ -61,6 +82,10 @@ class Feature(BaseModel):
     max_length: int | None = Field(default=None, ge=1)
     dim: int | None = Field(default=None, ge=1)
     description: str = ""
+    drift: DriftRole = DriftRole.REFERENCE
+    # A count over the last ``warmup_days`` days: its distribution is stationary
+    # only where the log is at least that old (younger rows saw a partial window).
+    warmup_days: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check_kind(self) -> Feature:

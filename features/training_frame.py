@@ -15,12 +15,19 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
 from features.aggregates import CtrPrior
-from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec, Normalization
+from features.feature_spec import (
+    DriftRole,
+    Entity,
+    Feature,
+    FeatureKind,
+    FeatureSpec,
+    Normalization,
+)
 from features.pit import (
     category_affinity_at,
     context_features,
@@ -290,8 +297,8 @@ def describe_frame(
     """
     schema = frame.lazy().collect_schema()
     features: list[Feature] = [
-        Feature(name="user_id", kind=FeatureKind.CATEGORICAL, entity=Entity.USER, dtype="int64", hash_buckets=max(1, n_users)),
-        Feature(name="item_id", kind=FeatureKind.CATEGORICAL, entity=Entity.ITEM, dtype="int64", hash_buckets=max(1, n_items)),
+        Feature(name="user_id", kind=FeatureKind.CATEGORICAL, entity=Entity.USER, dtype="int64", hash_buckets=max(1, n_users), drift=DriftRole.IDENTIFIER),
+        Feature(name="item_id", kind=FeatureKind.CATEGORICAL, entity=Entity.ITEM, dtype="int64", hash_buckets=max(1, n_items), drift=DriftRole.IDENTIFIER),
         Feature(
             name="user_history", kind=FeatureKind.SEQUENCE, entity=Entity.USER, dtype="list[int64]",
             max_length=config.history_length, description="last positive item ids before the row, most recent last",
@@ -325,6 +332,7 @@ def describe_frame(
                     entity=Entity.CONTEXT,
                     dtype="int64",
                     vocabulary=stats[name].vocabulary(),
+                    drift=DriftRole.CALENDAR if name == "weekday" else DriftRole.REFERENCE,
                 )
             )
         elif _is_counter(name):
@@ -335,11 +343,20 @@ def describe_frame(
                     entity=entity,
                     dtype="float64",
                     normalization=Normalization.LOG1P,
+                    **_counter_drift(name),
                 )
             )
         elif _is_rate(name):
+            # Lifetime rates: their spread grows with the entities' history (the
+            # smoothing prior weighs less), so they trend while the log is young.
             features.append(
-                Feature(name=name, kind=FeatureKind.NUMERIC, entity=entity, dtype="float64")
+                Feature(
+                    name=name,
+                    kind=FeatureKind.NUMERIC,
+                    entity=entity,
+                    dtype="float64",
+                    drift=DriftRole.GROWING,
+                )
             )
         elif dtype == pl.String or (
             dtype.is_integer() and stats[name].n_unique() <= VOCABULARY_MAX
@@ -486,3 +503,18 @@ _COUNTER = re.compile(
 
 def _is_counter(name: str) -> bool:
     return bool(_COUNTER.search(name.removeprefix("user_").removeprefix("item_")))
+
+
+_WINDOWED = re.compile(r"_(\d+)d$")
+
+
+def _counter_drift(name: str) -> dict[str, Any]:
+    """A counter's drift role: windowed counts are stationary after their window
+    (``warmup_days``); lifetime counts, distinct counts, ages and times since
+    first or last seen grow with the log."""
+    windowed = _WINDOWED.search(name)
+    if windowed:
+        return {"warmup_days": int(windowed.group(1))}
+    # Seconds since last seen grows too: bounded by the entity's age, it lengthens
+    # as the log ages (0.04 -> 0.23 normalised Wasserstein over 10 clean days).
+    return {"drift": DriftRole.GROWING}

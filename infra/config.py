@@ -724,6 +724,10 @@ class AlertConfig(Section):
     # a drift that persists is mailed once, and again only after it was gone for
     # cooldown_hours; last_sent: a reminder every cooldown_hours while it persists.
     cooldown_from: Literal["last_seen", "last_sent"] = "last_seen"
+    # monitor: a finding of the monitor in cooldown holds back its other findings
+    # too (one incident shows in several checks over its first days: one e-mail);
+    # finding: each finding key keeps its own cooldown.
+    cooldown_scope: Literal["monitor", "finding"] = "monitor"
     # Attempts per e-mail, with exponential backoff from backoff_s.
     attempts: int = Field(default=3, ge=1)
     backoff_s: float = Field(default=1.0, ge=0.0)
@@ -765,6 +769,31 @@ class DriftTestConfig(Section):
     # bonferroni: p-value tests at threshold / columns. Uncorrected, 20 clean
     # columns at p < 0.05 flag one or more in ~64% of small windows; corrected ~5%.
     p_value_correction: Literal["none", "bonferroni"] = "bonferroni"
+    # A distance test's threshold is at least noise_margin times the largest
+    # distance between one day before the reference's end and the others (the
+    # log's own day-to-day noise, measured when the profile is saved; 3+ days).
+    # Healthy days of clustered traffic differ by 0.05-0.14 on some columns, and
+    # the largest of 10-14 days still underestimates a later day's (1.5 let a
+    # clean simulator day through on one column at 1.07x the threshold).
+    noise_margin: float = Field(default=2.0, gt=0.0)
+    # Rows per side of each leave-one-day-out comparison (bounds the cost).
+    noise_rows: int = Field(default=10_000, ge=100)
+
+
+class SketchCheckConfig(Section):
+    """The cheap per-window checks on sketches (:mod:`monitoring.sketch_checks`)."""
+
+    enabled: bool = True
+    # DAU (HLL) of the window against the median of this many days before it.
+    trend_days: int = Field(default=14, ge=2)
+    # Heavy hitters (Count-Min) compared between the window and the reference.
+    head_k: int = Field(default=20, ge=1)
+    # Drift when the statistic exceeds margin x the largest leave-one-day-out
+    # statistic of the baseline days, and at least the floor.
+    margin: float = Field(default=1.5, gt=0.0)
+    dau_floor: float = Field(default=0.1, ge=0.0)
+    head_floor: float = Field(default=0.05, ge=0.0)
+    min_days: int = Field(default=3, ge=2)
 
 
 class MonitoringConfig(Section):
@@ -775,6 +804,11 @@ class MonitoringConfig(Section):
     # Rows of features and predictions kept in the reference profile saved
     # beside a model (a seeded sample; sketches cover the whole data).
     reference_rows: int = Field(default=50_000, ge=100)
+    # The reference is drawn from the last reference_days (whole UTC days) of the
+    # reranker's held-out part (valid + test: a model's scores on its own training
+    # rows are sharper than on any later day): the past nearest the windows, past
+    # the first days where windowed counts are still filling up. None: all of it.
+    reference_days: int | None = Field(default=14, ge=1)
     # Rows of a current window Evidently sees: a seeded uniform sample above it
     # (Evidently costs ~3.6 s per column per million rows here).
     max_window_rows: int = Field(default=100_000, ge=100)
@@ -787,6 +821,14 @@ class MonitoringConfig(Section):
     # 0.95 about 10% of clean 2k-row windows flagged one of the three metrics.
     concept_min_labels: int = Field(default=500, ge=10)
     concept_ci: float = Field(default=0.99, gt=0.5, lt=1.0)
+    # ... and when the metric moved by at least this much (absolute): rows of one
+    # session are not independent, so clean days leave the row bootstrap's
+    # interval more often than it says (ECE did on 2 of 10 clean simulator days,
+    # by < 0.008); smaller moves are nothing to act on.
+    concept_min_change: dict[Literal["auc", "logloss", "ece"], float] = Field(
+        default_factory=lambda: {"auc": 0.01, "logloss": 0.01, "ece": 0.01}
+    )
+    sketches: SketchCheckConfig = SketchCheckConfig()
     alerts: AlertConfig = AlertConfig()
     # `rayrec monitor ui` (the Evidently workspace): not 8000 (Serve's default).
     ui_port: int = Field(default=8700, ge=1, le=65535)

@@ -8,7 +8,11 @@ for one window, and the path of its Evidently report) to
    rerun of a window sends nothing (``suppressed_duplicate``);
 2. drops findings whose (monitor, finding key) was mailed within
    ``cooldown_hours`` (``suppressed_cooldown``; recorded): one e-mail per
-   drift, not one per window of it;
+   drift, not one per window of it. With ``cooldown_scope: monitor`` (the
+   default) any finding of the monitor in cooldown holds back the others
+   too: one drift shows in several checks over its first days (a new user
+   segment moves the features on day 1 and the AUC on day 3), and it is one
+   incident, mailed once; the later findings are in the reports and the ledger;
 3. mails the rest as one e-mail (HTML table + plain-text alternative, a link to
    the report and the report attached only below ``max_attachment_kb``), with
    retries and backoff, and records them as sent only once the server took it;
@@ -561,6 +565,8 @@ class AlertSender:
                 sent.setdefault(rec["finding"], []).append(rec)
             if rec.get("status") in counted:
                 seen.setdefault(rec["finding"], []).append(rec)
+                if self.config.cooldown_scope == "monitor":
+                    seen.setdefault(_ANY, []).append(rec)
         to_send: list[Finding] = []
         duplicate: list[Finding] = []
         cooldown: list[Finding] = []
@@ -569,7 +575,8 @@ class AlertSender:
             if any(rec["window"] == alert.window.key for rec in earlier):
                 duplicate.append(finding)
             elif any(
-                self._in_cooldown(alert.window, rec, now) for rec in seen.get(finding.key, [])
+                self._in_cooldown(alert.window, rec, now)
+                for rec in seen.get(finding.key, []) + seen.get(_ANY, [])
             ):
                 cooldown.append(finding)
             else:
@@ -661,6 +668,10 @@ class AlertSender:
 
 
 # --------------------------------------------------------------------------- files
+
+
+# The ledger key under which cooldown_scope "monitor" gathers every finding's records.
+_ANY = "*"
 
 
 def _keys(findings: Iterable[Finding]) -> tuple[str, ...]:

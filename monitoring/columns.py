@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import polars as pl
 
-from features.feature_spec import FeatureKind, FeatureSpec
+from features.feature_spec import DriftRole, FeatureKind, FeatureSpec
 
 # The kinds a per-column drift test handles.
 COLUMN_KINDS: tuple[FeatureKind, ...] = (FeatureKind.NUMERIC, FeatureKind.CATEGORICAL)
@@ -38,6 +38,40 @@ def column_kinds(kinds: Mapping[str, str]) -> dict[str, FeatureKind]:
 def spec_column_kinds(spec: FeatureSpec) -> dict[str, FeatureKind]:
     """The spec's numeric and categorical features, in spec order."""
     return {f.name: f.kind for f in spec.features if f.kind in COLUMN_KINDS}
+
+
+def judged_columns(
+    spec: FeatureSpec, log_age_days: float | None, window_days: int
+) -> tuple[dict[str, FeatureKind], dict[str, str]]:
+    """The spec's numeric and categorical features a drift test judges, and why the others are not.
+
+    ``log_age_days``: how old the log is where the reference period starts (None:
+    a table without time, where every windowed count is taken as warmed up);
+    ``window_days``: the length of a current window. Returns ``({name: kind},
+    {name: reason})``, both in spec order (see :class:`features.feature_spec.DriftRole`).
+    """
+    judged: dict[str, FeatureKind] = {}
+    unjudged: dict[str, str] = {}
+    for name, kind in spec_column_kinds(spec).items():
+        feature = spec[name]
+        if feature.drift == DriftRole.GROWING:
+            unjudged[name] = "grows with the log's age by construction"
+        elif feature.drift == DriftRole.IDENTIFIER:
+            unjudged[name] = "an entity id: the sketch checks watch the entity mix"
+        elif feature.drift == DriftRole.CALENDAR and window_days < 7:
+            unjudged[name] = f"a weekly cycle: a {window_days}-day window holds part of it"
+        elif (
+            feature.warmup_days is not None
+            and log_age_days is not None
+            and log_age_days < feature.warmup_days
+        ):
+            unjudged[name] = (
+                f"counts {feature.warmup_days} days but the reference starts when the log "
+                f"is {log_age_days:.1f} days old (still filling up)"
+            )
+        else:
+            judged[name] = kind
+    return judged, unjudged
 
 
 def sample_rows(frame: pl.DataFrame, rows: int, seed: int | list[int]) -> pl.DataFrame:

@@ -165,8 +165,15 @@ def concept_drift(
     score: str = "score",
     n_boot: int = DEFAULT_N_BOOT,
     max_rows: int | None = None,
+    min_change: dict[str, float] | None = None,
 ) -> ConceptResult:
     """Judge AUC, logloss and ECE of ``current`` against ``reference`` (see the module docstring).
+
+    ``min_change`` ``{metric: absolute change}``: a metric also has to move by at
+    least this much to count as drifted. The bootstrap takes rows as independent,
+    but a day's rows come in sessions of one user, so a healthy day's metric
+    strays outside the row-level interval more often than ``1 - ci`` says; a
+    change too small to act on is no finding anyway.
 
     Both frames hold a 0/1 ``label`` column (null: not yet known; those rows are
     dropped) and a probability ``score`` column in [0, 1]. ``max_rows`` caps the
@@ -226,6 +233,7 @@ def concept_drift(
             low, high = np.nanquantile(change, [alpha / 2.0, 1.0 - alpha / 2.0])
             drifted = bool(low > 0.0 or high < 0.0)
         delta = cur_value[name] - ref_value[name]
+        drifted = drifted and abs(delta) >= (min_change or {}).get(name, 0.0)
         worse = drifted and (delta > 0 if HIGHER_IS_WORSE[name] else delta < 0)
         metrics.append(
             MetricDrift(

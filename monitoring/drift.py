@@ -277,8 +277,15 @@ def data_drift(
     seed: int,
     max_categories: int | None = None,
     p_value_correction: Literal["none", "bonferroni"] | None = None,
+    noise: Mapping[str, float] | None = None,
 ) -> DriftResult:
     """Judge each of ``columns`` (``{name: "numeric" | "categorical"}``) for drift.
+
+    ``noise`` ``{column: distance}``: the reference's own day-to-day distance per
+    column (:func:`day_noise`); a distance test's threshold is then at least
+    ``config.noise_margin`` times it, so a column whose healthy days already
+    differ by more than the configured threshold (clustered traffic: one
+    user's session is many rows) is judged against what healthy looks like.
 
     Both frames are sampled to at most ``max_rows`` rows (uniform, seeded; see
     the module docstring for the cost this bounds), the test per column comes
@@ -331,7 +338,10 @@ def data_drift(
             )
             continue
         prepared_ref[name], prepared_cur[name] = ref_values, cur_values
-        plans[name] = (choose_test(name, kind, cur.height, config), ref_summary, cur_summary)
+        test = choose_test(name, kind, cur.height, config)
+        if noise and name in noise and test.family == "distance" and name not in config.thresholds:
+            test = replace(test, threshold=max(test.threshold, config.noise_margin * noise[name]))
+        plans[name] = (test, ref_summary, cur_summary)
 
     tested = [name for name, (test, _, _) in plans.items() if test.family == "p_value"]
     if p_value_correction == "bonferroni" and len(tested) > 1:
@@ -372,9 +382,54 @@ def prediction_drift(
     max_rows: int,
     seed: int,
     column: str = "score",
+    noise: Mapping[str, float] | None = None,
 ) -> DriftResult:
     """Drift of the model's score distribution: :func:`data_drift` on one numeric column."""
-    return data_drift(reference, current, {column: FeatureKind.NUMERIC}, config, max_rows, seed)
+    return data_drift(
+        reference, current, {column: FeatureKind.NUMERIC}, config, max_rows, seed, noise=noise
+    )
+
+
+def day_noise(
+    frame: pl.DataFrame,
+    day: pl.Series,
+    columns: Mapping[str, str],
+    config: DriftTestConfig,
+    max_rows: int,
+    seed: int,
+    min_days: int = 3,
+) -> dict[str, float]:
+    """The largest leave-one-day-out distance per column: each UTC ``day`` of ``frame``
+    (the reference rows) against the others, by the distance test of a large window.
+
+    Healthy traffic is clustered (a session is many rows, a heavy user many
+    sessions), so one day differs from the next by more than sampling noise;
+    this is how much, measured where nothing drifted. Each side is sampled to
+    ``max_rows`` rows. Empty (nothing calibrated) with fewer than ``min_days``
+    days.
+    """
+    days = day.cast(pl.Date)
+    distinct = days.unique().sort().to_list()
+    if len(distinct) < min_days:
+        return {}
+    # Every column takes its distance test, whatever the day's size.
+    distances = config.model_copy(update={"large_window_rows": 1, "thresholds": {}})
+    noise: dict[str, float] = {}
+    for index, value in enumerate(distinct):
+        mask = days == value
+        result = data_drift(
+            frame.filter(~mask),
+            frame.filter(mask),
+            columns,
+            distances,
+            max_rows,
+            seed + index,
+            p_value_correction="none",
+        )
+        for column in result.columns:
+            if column.statistic is not None and math.isfinite(column.statistic):
+                noise[column.column] = max(noise.get(column.column, 0.0), column.statistic)
+    return {name: round(value, 6) for name, value in noise.items()}
 
 
 # --------------------------------------------------------------------------- Evidently

@@ -31,11 +31,12 @@ import polars as pl
 
 from features.feature_spec import FeatureKind, FeatureSpec
 from infra.storage import StoragePath
-from monitoring.columns import column_kinds, sample_rows, spec_column_kinds
+from monitoring.columns import column_kinds, judged_columns, sample_rows
 
 DATA_FILE = "reference.parquet"
 META_FILE = "reference.json"
-FORMAT_VERSION = 1
+# 2: ``unjudged`` (features the drift tests leave alone, with the reason).
+FORMAT_VERSION = 2
 
 
 def _folder(folder: StoragePath | str | os.PathLike[str]) -> StoragePath:
@@ -46,7 +47,10 @@ def _folder(folder: StoragePath | str | os.PathLike[str]) -> StoragePath:
 class ReferenceProfile:
     """A sampled reference frame and what its columns are.
 
-    ``features`` ``{name: numeric | categorical}`` in spec order; ``predictions``
+    ``features`` ``{name: numeric | categorical}`` in spec order, the features
+    the drift tests judge; ``unjudged`` ``{name: reason}`` the spec's other
+    numeric and categorical features (growing counters, ids, counts whose window
+    the log had not filled: :func:`monitoring.columns.judged_columns`); ``predictions``
     the model's score column(s) (numeric); ``labels`` the spec's label columns
     found in the source (may hold nulls: labels arrive late); ``skipped`` spec
     features of other kinds (sequence, embedding) that are not kept;
@@ -59,7 +63,11 @@ class ReferenceProfile:
     predictions: tuple[str, ...]
     labels: tuple[str, ...]
     skipped: dict[str, FeatureKind]
+    unjudged: dict[str, str]
     source_rows: int
+    # {column: distance}: the largest leave-one-day-out distance of each judged
+    # column and prediction (monitoring.drift.day_noise); {} when not measured.
+    noise: dict[str, float]
     seed: int
     spec_version: int
     created_at: str
@@ -84,14 +92,19 @@ class ReferenceProfile:
         seed: int,
         predictions: Sequence[str] = ("score",),
         created_at: datetime | None = None,
+        *,
+        log_age_days: float | None = None,
+        window_days: int = 1,
     ) -> ReferenceProfile:
         """Sample ``rows`` rows of ``frame`` (uniform, seeded) and keep the monitored columns.
 
-        Every numeric and categorical feature of ``spec`` and every column of
+        Every judged feature of ``spec`` (``log_age_days``: the log's age where
+        ``frame`` starts; ``window_days``: the current windows' length; see
+        :func:`~monitoring.columns.judged_columns`) and every column of
         ``predictions`` must be in ``frame`` (pass ``predictions=()`` for a
         features-only profile); label columns of the spec are kept where present.
         """
-        features = spec_column_kinds(spec)
+        features, unjudged = judged_columns(spec, log_age_days, window_days)
         predictions = tuple(predictions)
         missing = [c for c in [*features, *predictions] if c not in frame.columns]
         if missing:
@@ -105,7 +118,11 @@ class ReferenceProfile:
                     f"prediction column {name!r} must be numeric, got {frame.schema[name]}"
                 )
         labels = tuple(name for name in spec.labels if name in frame.columns)
-        skipped = {f.name: f.kind for f in spec.features if f.name not in features}
+        skipped = {
+            f.name: f.kind
+            for f in spec.features
+            if f.name not in features and f.name not in unjudged
+        }
         sample = sample_rows(frame.select([*features, *predictions, *labels]), rows, seed)
         stamp = (created_at or datetime.now(UTC)).astimezone(UTC).isoformat()
         return cls(
@@ -114,7 +131,9 @@ class ReferenceProfile:
             predictions=predictions,
             labels=labels,
             skipped=skipped,
+            unjudged=unjudged,
             source_rows=frame.height,
+            noise={},
             seed=seed,
             spec_version=spec.version,
             created_at=stamp,
@@ -131,6 +150,8 @@ class ReferenceProfile:
             "predictions": list(self.predictions),
             "labels": list(self.labels),
             "skipped": {name: kind.value for name, kind in self.skipped.items()},
+            "unjudged": self.unjudged,
+            "noise": self.noise,
             "rows": self.rows,
             "source_rows": self.source_rows,
             "seed": self.seed,
@@ -170,6 +191,8 @@ class ReferenceProfile:
             predictions=tuple(meta["predictions"]),
             labels=tuple(meta["labels"]),
             skipped={name: FeatureKind(kind) for name, kind in meta["skipped"].items()},
+            unjudged=dict(meta["unjudged"]),
+            noise={name: float(value) for name, value in meta["noise"].items()},
             source_rows=meta["source_rows"],
             seed=meta["seed"],
             spec_version=meta["spec_version"],

@@ -5,9 +5,14 @@ The parts (what a check is, how it decides, how an alert is mailed once) live in
 pipeline's published outputs and the reranker that scores them.
 
 Reference (the ``reference_profile`` step, :mod:`pipelines.steps.monitoring`)
-    ``monitoring.reference_rows`` rows drawn (seeded, uniform) from the
-    reranker's training part (the ``features`` examples split as
-    ``train_ranker`` split them), scored by the reranker serving uses (the
+    ``monitoring.reference_rows`` rows drawn (seeded, uniform) from the last
+    ``monitoring.reference_days`` of the reranker's held-out part (valid +
+    test of the ``features`` examples split as ``train_ranker`` split them: on
+    its training rows a model's scores are sharper and its AUC higher than on
+    any later window, which would read as drift every day; the log's age
+    where that period starts says which windowed counts had filled up: the
+    others, like growing counters and ids, are not judged, see
+    :class:`features.feature_spec.DriftRole`), scored by the reranker serving uses (the
     fine-tuned one when ``finetune_ranker`` published a model, else
     ``train_ranker``'s; with the retrieval score from ``train_retrieval``'s
     two-tower when the spec has it) and saved as a
@@ -59,11 +64,12 @@ from typing import Any
 import mlflow
 import polars as pl
 
-from features.dataset import read_examples
+from features.dataset import read_events, read_examples
 from features.event_log import EventLog, prediction_log_root
 from features.feature_spec import SPEC_FILE, FeatureSpec
 from features.schemas import PREDICTIONS
-from infra.config import RayrecConfig
+from features.training_frame import has_impressions
+from infra.config import DriftTestConfig, RayrecConfig
 from infra.errors import RayrecError
 from infra.logs import get_logger
 from infra.publish import Published, VersionedOutput
@@ -82,8 +88,15 @@ from monitoring.alerts import (
 )
 from monitoring.columns import sample_rows
 from monitoring.concept import ConceptResult, concept_drift
-from monitoring.drift import DriftResult, data_drift, prediction_drift
+from monitoring.drift import DriftResult, data_drift, day_noise, prediction_drift
 from monitoring.reference import ReferenceProfile
+from monitoring.sketch_checks import (
+    SketchCheck,
+    dau_check,
+    day_sketches,
+    head_check,
+    load_sketches,
+)
 from pipelines.ranker.retrieval_feature import with_retrieval_score
 from pipelines.runner import published, step_output
 from serving.encoding import RETRIEVAL_SCORE, encode_examples
@@ -279,7 +292,62 @@ def served_scores(config: RayrecConfig, start: dt.datetime, end: dt.datetime) ->
     )
 
 
-def load_reference(config: RayrecConfig) -> tuple[ReferenceProfile, dict[str, Any]]:
+def validated_events(config: RayrecConfig) -> StoragePath:
+    current = published(config, "validate")
+    if current is None:
+        raise MonitoringError("no validated events published: run `rayrec run --until validate`")
+    return current.path
+
+
+def events_between(folder: StoragePath, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+    """``user_id, item_id, ts`` of the validated events under ``folder`` with ``ts`` in
+    ``[start, end)``: the impressions of a click log, every event of a log without them."""
+    events = read_events(folder)
+    if has_impressions(events):
+        events = events.filter(pl.col("event_type") == "impression")
+    return (
+        events.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+        .select("user_id", "item_id", "ts")
+        .collect()
+    )
+
+
+def sketch_checks(
+    config: RayrecConfig, window: Window, reference: pl.DataFrame | None
+) -> list[SketchCheck]:
+    """DAU of the window against the trend days before it; its popularity head against the
+    reference's days (none saved: not judged, with the reason)."""
+    settings = config.monitoring.sketches
+    assert window.start is not None and window.end is not None
+    sketches = config.features.sketches
+    folder = validated_events(config)
+    current = day_sketches(events_between(folder, window.start, window.end), sketches)
+    trend_start = window.start - settings.trend_days * DAY
+    trend = day_sketches(events_between(folder, trend_start, window.start), sketches)
+    checks = [dau_check(current, trend, settings.margin, settings.dau_floor, settings.min_days)]
+    if reference is None:
+        checks.append(
+            SketchCheck("popularity_head", None, None, False, False, "no reference sketches")
+        )
+    else:
+        checks.append(
+            head_check(
+                current,
+                reference,
+                sketches,
+                settings.head_k,
+                settings.margin,
+                settings.head_floor,
+                settings.min_days,
+            )
+        )
+    return checks
+
+
+def load_reference(
+    config: RayrecConfig,
+) -> tuple[ReferenceProfile, dict[str, Any], pl.DataFrame | None]:
+    """The profile, its ``reference_meta.json`` and its days' sketches (None: not saved)."""
     current = published(config, REFERENCE_STEP)
     if current is None or not current.path.join(PROFILE_FOLDER, "reference.json").exists():
         reason = (current.manifest.get("skipped") if current else None) or "never published"
@@ -287,7 +355,8 @@ def load_reference(config: RayrecConfig) -> tuple[ReferenceProfile, dict[str, An
             f"no reference profile ({reason}): run `rayrec run --until {REFERENCE_STEP}`"
         )
     meta = json.loads(current.path.join(REFERENCE_META).read_text())
-    return ReferenceProfile.load(current.path.join(PROFILE_FOLDER)), meta
+    folder = current.path.join(PROFILE_FOLDER)
+    return ReferenceProfile.load(folder), meta, load_sketches(folder)
 
 
 def run_monitoring(
@@ -306,7 +375,7 @@ def run_monitoring(
     started = time.perf_counter()
     settings = config.monitoring
     days = window_days or settings.window_days
-    profile, meta = load_reference(config)
+    profile, meta, reference_sketches = load_reference(config)
     features = published(config, "features")
     if features is None:
         raise MonitoringError("no features published: run `rayrec run --until features`")
@@ -322,6 +391,8 @@ def run_monitoring(
         "rows": profile.rows,
         "created_at": profile.created_at,
         "scored_with": meta.get("scored_with", {}),
+        "period": meta.get("period"),
+        "unjudged": profile.unjudged,
     }
     seed = profile.seed
     results: dict[str, DriftResult] = {}
@@ -340,9 +411,16 @@ def run_monitoring(
             settings.drift,
             settings.max_window_rows,
             seed,
+            noise=profile.noise,
         )
         results["prediction_drift"] = prediction_drift(
-            profile.frame, current, settings.drift, settings.max_window_rows, seed, SCORE
+            profile.frame,
+            current,
+            settings.drift,
+            settings.max_window_rows,
+            seed,
+            SCORE,
+            noise=profile.noise,
         )
         if profile.labels and profile.labels[0] in current.columns:
             concept = concept_drift(
@@ -354,7 +432,11 @@ def run_monitoring(
                 label=profile.labels[0],
                 score=SCORE,
                 max_rows=settings.max_window_rows,
+                min_change=dict(settings.concept_min_change),
             )
+    sketches = (
+        sketch_checks(config, window, reference_sketches) if settings.sketches.enabled else []
+    )
     served = served_scores(config, window.start, window.end)
     record.rows["served"] = served.height
     if served.height:
@@ -366,10 +448,10 @@ def run_monitoring(
             )
         else:
             served_note = "no served rows in the previous window to compare with"
-    record.checks = _checks(results, concept)
+    record.checks = _checks(results, concept, sketches)
     if served_note:
         record.details["served_note"] = served_note
-    findings = _findings(config, window, results, concept)
+    findings = _findings(config, window, results, concept, sketches)
     record.findings = [f.key for f in findings]
 
     output = VersionedOutput(
@@ -386,6 +468,10 @@ def run_monitoring(
         if concept is not None:
             staging.join("concept_drift.json").write_text_atomic(
                 json.dumps(concept.to_dict(), indent=2)
+            )
+        if sketches:
+            staging.join("sketch_checks.json").write_text_atomic(
+                json.dumps([c.to_dict() for c in sketches], indent=2, default=str)
             )
         staging.join(SUMMARY_FILE).write_text_atomic(json.dumps(record.to_dict(), indent=2))
         report = output.publish(staging, {"window": record.key, "findings": record.findings})
@@ -404,7 +490,7 @@ def run_monitoring(
 
     record.seconds = time.perf_counter() - started
     if track:
-        _track(config, record, report.path, results, concept)
+        _track(config, record, report.path, results, concept, sketches)
     # The published version is immutable and holds the record as it was at publish
     # time; the final one (delivery, MLflow run, seconds) goes beside its pointer.
     output.root.join(LAST_RUN_FILE).write_text_atomic(json.dumps(record.to_dict(), indent=2))
@@ -439,9 +525,26 @@ def _deliver(
 # --------------------------------------------------------------------------- findings
 
 
-def _checks(results: dict[str, DriftResult], concept: ConceptResult | None) -> list[dict[str, Any]]:
+def _checks(
+    results: dict[str, DriftResult],
+    concept: ConceptResult | None,
+    sketches: list[SketchCheck],
+) -> list[dict[str, Any]]:
     """One row per judged column or metric: check, column, test, statistic, threshold, drifted."""
     rows: list[dict[str, Any]] = []
+    for sketch in sketches:
+        rows.append(
+            {
+                "check": "sketch",
+                "column": sketch.check,
+                "test": SKETCH_TESTS[sketch.check],
+                "statistic": sketch.statistic,
+                "threshold": sketch.threshold,
+                "drifted": sketch.drifted,
+                "judged": sketch.judged,
+                "note": sketch.reason or _sketch_note(sketch),
+            }
+        )
     for check, result in results.items():
         for column in result.columns:
             rows.append(
@@ -487,6 +590,49 @@ def _checks(results: dict[str, DriftResult], concept: ConceptResult | None) -> l
     return rows
 
 
+SKETCH_TESTS = {"dau": "hll_log_ratio_vs_trend", "popularity_head": "cms_head_tvd"}
+
+
+def _sketch_note(sketch: SketchCheck) -> str:
+    d = sketch.details
+    if sketch.check == "dau":
+        return (
+            f"DAU {d['current']:,.0f} vs trend median {d['trend_median']:,.0f} ({d['change']:+.1%})"
+        )
+    return f"{len(d['new_in_head'])} of the top {d['k']} items new to the reference's head"
+
+
+def _sketch_finding(window: Window, sketch: SketchCheck) -> Finding:
+    d = sketch.details
+    assert sketch.statistic is not None and sketch.threshold is not None
+    if sketch.check == "dau":
+        title = f"Daily active users moved {d['change']:+.0%} against their trend"
+        reference = f"median {d['trend_median']:,.0f} over {len(d['trend_days'])} days"
+        current = f"{d['current']:,.0f}"
+    else:
+        title = (
+            f"The popularity head changed: {len(d['new_in_head'])} new items in the top {d['k']}"
+        )
+        reference = "top " + ", ".join(str(i) for i in d["reference_head"][:8])
+        current = "top " + ", ".join(str(i) for i in d["head"][:8])
+    return Finding(
+        monitor=MONITOR,
+        window=window,
+        key=sketch.check,
+        title=title,
+        features=(
+            FeatureDrift(
+                feature=sketch.check,
+                test=SKETCH_TESTS[sketch.check],
+                statistic=sketch.statistic,
+                threshold=sketch.threshold,
+                reference=reference,
+                current=current,
+            ),
+        ),
+    )
+
+
 def _feature_drifts(result: DriftResult) -> tuple[FeatureDrift, ...]:
     return tuple(
         FeatureDrift(
@@ -507,6 +653,7 @@ def _findings(
     window: Window,
     results: dict[str, DriftResult],
     concept: ConceptResult | None,
+    sketches: list[SketchCheck],
 ) -> list[Finding]:
     """Data drift (share of drifted features at least ``drifted_share_alert``), prediction
     drift, served prediction drift, and each concept metric that drifted the harmful way
@@ -543,6 +690,7 @@ def _findings(
                     features=_feature_drifts(result),
                 )
             )
+    findings += [_sketch_finding(window, c) for c in sketches if c.drifted]
     if concept is not None:
         for metric in concept.metrics:
             if metric.worse:
@@ -568,6 +716,7 @@ def _track(
     folder: StoragePath,
     results: dict[str, DriftResult],
     concept: ConceptResult | None,
+    sketches: list[SketchCheck],
 ) -> None:
     """Metrics as time series (step: days since epoch of the window end), summary, reports."""
     assert record.window.end is not None
@@ -591,6 +740,11 @@ def _track(
             metrics[f"concept_drift.{metric.metric}"] = metric.current
             metrics[f"concept_drift.{metric.metric}_reference"] = metric.reference
             metrics[f"concept_drift.{metric.metric}_drifted"] = float(metric.drifted)
+    for sketch in sketches:
+        if sketch.statistic is not None:
+            metrics[f"sketch.{sketch.check}"] = sketch.statistic
+        if sketch.check == "dau" and "current" in sketch.details:
+            metrics["sketch.dau_estimate"] = float(sketch.details["current"])
     nested = mlflow.active_run() is not None
     if not nested:
         setup_mlflow(config.mlflow, StoragePath.from_uri(config.paths.workdir))
@@ -605,10 +759,86 @@ def _track(
                 mlflow.log_artifact(file.path, "monitoring/reports")
 
 
+def reference_period(
+    frame: pl.DataFrame, log_start: dt.datetime, days: int | None
+) -> tuple[pl.DataFrame, float]:
+    """The rows of ``frame`` in its last ``days`` UTC days (all of it when None or when it
+    is shorter; a partial first day left out), and the log's age in days where they start (from the UTC
+    midnight of ``log_start``, the log's first row): what says which windowed
+    counts had filled up (:func:`monitoring.columns.judged_columns`)."""
+    earliest = frame.select(pl.col("ts").min()).item()
+    first = _midnight(earliest)
+    if _utc(earliest) > first and frame.filter(pl.col("ts") >= first + DAY).height:
+        # A split cuts at a row, not at midnight: a partial first day has another
+        # mix of hours and smaller daily counts, so it starts at the next midnight.
+        first += DAY
+    start = first
+    if days is not None:
+        last = _midnight(frame.select(pl.col("ts").max()).item())
+        start = max(first, last - (days - 1) * DAY)
+    age = (start - _midnight(log_start)) / DAY
+    return frame.filter(pl.col("ts") >= start), age
+
+
+def _midnight(value: dt.datetime) -> dt.datetime:
+    value = _utc(value)
+    return dt.datetime.combine(value.date(), dt.time(), tzinfo=dt.UTC)
+
+
 def reference_from_examples(
-    train: pl.DataFrame, scorer: Scorer, rows: int, seed: int
+    frame: pl.DataFrame,
+    scorer: Scorer,
+    rows: int,
+    seed: int,
+    *,
+    log_age_days: float | None = None,
+    window_days: int = 1,
+    drift: DriftTestConfig | None = None,
+    history: pl.DataFrame | None = None,
+    reference_days: int | None = None,
 ) -> ReferenceProfile:
-    """The profile of ``rows`` rows drawn from ``train`` (the reranker's training part)."""
-    sample = sample_rows(train, rows, seed)
-    profile = ReferenceProfile.build(scorer.score(sample), scorer.spec, rows, seed)
-    return replace(profile, source_rows=train.height)
+    """The profile of ``rows`` rows drawn from ``frame`` (the reranker's held-out part
+    in its reference period: :func:`reference_period`), with its day-to-day noise
+    per column when ``drift`` is given and the rows have time.
+
+    The noise is measured on ``history`` when given (the examples up to the end of
+    ``frame``; its last ``reference_days`` days from the first where every judged
+    windowed count had filled up), a sample of ``drift.noise_rows`` rows a day
+    scored by the same models: more days than the held-out part has give a
+    steadier maximum, and a model scores its training days with the same bias
+    each day, so their differences are still the days' own. Else on ``frame``.
+    """
+    scored = scorer.score(sample_rows(frame, rows, seed))
+    profile = ReferenceProfile.build(
+        scored, scorer.spec, rows, seed, log_age_days=log_age_days, window_days=window_days
+    )
+    noise: dict[str, float] = {}
+    if drift is not None and "ts" in scored.columns:
+        days = scored
+        if history is not None and profile.features:
+            warm = _warm_days(history, profile, scorer.spec, scored, reference_days)
+            count = warm.select(pl.col("ts").dt.date().n_unique()).item()
+            if count >= 3:
+                days = scorer.score(sample_rows(warm, drift.noise_rows * count, seed))
+        noise = day_noise(
+            days, days.get_column("ts"), profile.columns, drift, drift.noise_rows, seed
+        )
+    return replace(profile, source_rows=frame.height, noise=noise)
+
+
+def _warm_days(
+    history: pl.DataFrame,
+    profile: ReferenceProfile,
+    spec: FeatureSpec,
+    scored: pl.DataFrame,
+    days: int | None,
+) -> pl.DataFrame:
+    """``history`` from the first day where every judged windowed count had filled up to
+    the end of the scored reference rows, its last ``days`` days."""
+    log_start = _midnight(history.select(pl.col("ts").min()).item())
+    warmup = max((spec[name].warmup_days or 0) for name in profile.features)
+    end = scored.select(pl.col("ts").max()).item()
+    warm = history.filter((pl.col("ts") >= log_start + warmup * DAY) & (pl.col("ts") <= end))
+    if warm.height == 0:
+        return warm
+    return reference_period(warm, log_start, days)[0]

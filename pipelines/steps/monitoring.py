@@ -1,7 +1,8 @@
 """Monitoring steps: the reference profile beside the model, and a monitor run on the newest window.
 
-``reference_profile``  ``monitoring.reference_rows`` rows of the reranker's
-                       training part (the ``features`` examples split as
+``reference_profile``  ``monitoring.reference_rows`` rows of the last
+                       ``monitoring.reference_days`` of the reranker's held-out
+                       part (valid + test of the ``features`` examples split as
                        ``train_ranker`` split them), scored by the reranker
                        serving uses; publishes ``profile/`` (a
                        :class:`~monitoring.reference.ReferenceProfile`) and
@@ -19,6 +20,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -27,13 +29,16 @@ import polars as pl
 
 from features.dataset import read_examples
 from infra.errors import StepFailedError
+from monitoring.sketch_checks import day_sketches, save_sketches
 from pipelines.monitor import (
     PROFILE_FOLDER,
     REFERENCE_META,
     REFERENCE_STEP,
     SUMMARY_FILE,
+    events_between,
     load_scorer,
     reference_from_examples,
+    reference_period,
     run_monitoring,
 )
 from pipelines.ranker.spec_data import split_examples
@@ -57,7 +62,11 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
     settings = tuned_settings(ctx)
     frame = read_examples(ctx.input_path("features")).collect()
     split = settings.split if "ts" in frame.columns else "random"
-    train, _, _ = split_examples(frame, split, settings.split_ratios, settings.seed)
+    _, valid, test = split_examples(frame, split, settings.split_ratios, settings.seed)
+    # The held-out part: scores on rows the model trained on are sharper and its AUC
+    # higher than on any later window, so a reference of training rows flags
+    # prediction and concept drift on every healthy window.
+    held_out = pl.concat([valid, test], how="vertical_relaxed")
     scorer = load_scorer(
         ctx.inputs["train_ranker"],
         ctx.inputs.get("finetune_ranker"),
@@ -65,24 +74,49 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
         ctx.config.features.history_length,
     )
     assert scorer is not None
-    if train.height == 0:
-        return _skipped(ctx, "the reranker's training part is empty")
-    rows, seed = ctx.config.monitoring.reference_rows, settings.seed
+    if held_out.height == 0:
+        return _skipped(ctx, "the reranker's held-out part (valid + test) is empty")
+    monitoring = ctx.config.monitoring
+    log_age_days: float | None = None
+    if "ts" in held_out.columns:
+        held_out, log_age_days = reference_period(
+            held_out, frame.select(pl.col("ts").min()).item(), monitoring.reference_days
+        )
     # The retrieval score (when the spec reads it) is computed on the sampled rows
     # only (pipelines.steps.ranker.ranker_examples would score every row).
-    profile = reference_from_examples(train, scorer, rows, seed)
+    profile = reference_from_examples(
+        held_out,
+        scorer,
+        monitoring.reference_rows,
+        settings.seed,
+        log_age_days=log_age_days,
+        window_days=monitoring.window_days,
+        drift=monitoring.drift,
+        history=frame if "ts" in frame.columns else None,
+        reference_days=monitoring.reference_days,
+    )
     profile.save(ctx.output.join(PROFILE_FOLDER))
     period = None
-    if "ts" in train.columns:
-        bounds = train.select(pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"))
-        period = {key: value.isoformat() for key, value in bounds.row(0, named=True).items()}
+    sketch_days = 0
+    if "ts" in held_out.columns:
+        bounds = held_out.select(pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"))
+        start, end = bounds.row(0)
+        period = {"start": start.isoformat(), "end": end.isoformat()}
+        # The popularity head's baseline: the same days' events, as sketches.
+        events = events_between(ctx.input_path("validate"), start, end + dt.timedelta(seconds=1))
+        sketches = day_sketches(events, ctx.config.features.sketches)
+        save_sketches(sketches, ctx.output.join(PROFILE_FOLDER))
+        sketch_days = sketches.height
     meta = {
         "split": split,
         "split_ratios": list(settings.split_ratios),
-        "train_rows": train.height,
+        "held_out_rows": held_out.height,
         "rows": profile.rows,
-        "seed": seed,
+        "seed": settings.seed,
         "period": period,
+        "sketch_days": sketch_days,
+        "log_age_days": log_age_days,
+        "unjudged": profile.unjudged,
         "reranker": scorer.reranker_step,
         "scored_with": scorer.sources,
         "features": list(profile.features),
@@ -91,7 +125,7 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
     }
     ctx.output.join(REFERENCE_META).write_text_atomic(json.dumps(meta, indent=2))
     return StepResult(
-        row_counts={"reference": profile.rows, "source": train.height},
+        row_counts={"reference": profile.rows, "source": held_out.height},
         metrics={"reference_score_mean": meta["score_mean"]},
         artifacts=(REFERENCE_META, f"{PROFILE_FOLDER}/reference.json"),
         extra={"reranker": scorer.reranker_step},
@@ -130,15 +164,29 @@ REFERENCE_PROFILE = Step(
     name=REFERENCE_STEP,
     run=run_reference_profile,
     description="a scored sample of the reranker's training rows: what drift is measured against",
-    inputs=("features", "tune_ranker", "train_ranker", "finetune_ranker", "train_retrieval"),
+    inputs=(
+        "validate",
+        "features",
+        "tune_ranker",
+        "train_ranker",
+        "finetune_ranker",
+        "train_retrieval",
+    ),
     config_keys=(
         "monitoring.reference_rows",
+        "monitoring.reference_days",
+        "monitoring.window_days",
+        "monitoring.drift",
+        "features.sketches",
         "models.ranker",
         "features.history_length",
     ),
     code=(
         "monitoring.reference",
         "monitoring.columns",
+        "monitoring.drift",
+        "monitoring.sketch_checks",
+        "features.feature_spec",
         "pipelines.monitor",
         "pipelines.steps.monitoring",
         "serving.encoding",
@@ -150,7 +198,7 @@ MONITOR_STEP = Step(
     name="monitor",
     run=run_monitor,
     description="drift of the newest window against the reference; reports, alert e-mail",
-    inputs=("reference_profile", "features"),
-    config_keys=("monitoring",),
+    inputs=("reference_profile", "validate", "features"),
+    config_keys=("monitoring", "features.sketches"),
     code=("monitoring", "pipelines.monitor", "pipelines.steps.monitoring"),
 )

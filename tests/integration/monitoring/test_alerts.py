@@ -261,7 +261,10 @@ def test_cooldown_suppresses_the_same_finding_in_the_next_window(
 ) -> None:
     server = smtp_server()
     sender = AlertSender(
-        alert_config(server.port, cooldown_hours=24, cooldown_from="last_sent"), str(tmp_path)
+        alert_config(
+            server.port, cooldown_hours=24, cooldown_from="last_sent", cooldown_scope="finding"
+        ),
+        str(tmp_path),
     )
 
     day1 = sender.send(make_alert(1, data_drift(1)))
@@ -285,6 +288,24 @@ def test_cooldown_suppresses_the_same_finding_in_the_next_window(
         ("2024-03-03", "concept:auc", "sent"),
         ("2024-03-04", "data_drift", "sent"),
     ]
+
+
+def test_findings_that_join_an_ongoing_incident_are_not_mailed_again(
+    smtp_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    """cooldown_scope monitor (the default): a drift that shows in the features on day 1
+    and in the AUC on day 2 is one incident, one e-mail; after a clean cooldown the
+    monitor mails again."""
+    server = smtp_server()
+    sender = AlertSender(alert_config(server.port, cooldown_hours=24), str(tmp_path))
+    assert sender.send(make_alert(1, data_drift(1))).sent == ("data_drift",)
+    day2 = sender.send(make_alert(2, data_drift(2), concept(2)))
+    assert day2.sent == () and day2.suppressed_cooldown == ("data_drift", "concept:auc")
+    day3 = sender.send(make_alert(3, concept(3)))
+    assert day3.sent == () and day3.suppressed_cooldown == ("concept:auc",)
+    # Day 4 clean, day 5 more than a cooldown after the last finding: a new incident.
+    assert sender.send(make_alert(5, concept(5))).sent == ("concept:auc",)
+    assert len(server.inbox.messages) == 2
 
 
 def test_a_persisting_drift_is_mailed_once_until_it_has_been_gone_a_cooldown(

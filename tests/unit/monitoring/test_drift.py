@@ -10,6 +10,7 @@ Evidently imports in ~5 s: the module's first call pays it once.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,13 @@ import polars as pl
 import pytest
 
 from infra.config import DriftTestConfig
-from monitoring.drift import DriftResult, choose_test, data_drift, prediction_drift
+from monitoring.drift import (
+    DriftResult,
+    choose_test,
+    data_drift,
+    day_noise,
+    prediction_drift,
+)
 
 KINDS = {"x": "numeric", "y": "numeric", "c": "categorical", "k": "categorical"}
 REFERENCE_SHARES = (0.5, 0.3, 0.2)
@@ -219,3 +226,33 @@ def test_an_empty_window_judges_nothing_and_still_saves(
     assert result.judged == () and result.drifted == () and result.snapshot is None
     assert result.drifted_share == 0.0
     assert "No column" in result.save_html(tmp_path / "empty.html").local_path().read_text()
+
+
+def test_day_noise_raises_thresholds_to_what_healthy_days_show() -> None:
+    """Days that differ by a per-day offset (clustered traffic): the leave-one-day-out
+    distance measures it, and a window shifted by as much is then no drift."""
+    rng = np.random.default_rng(5)
+    offsets = [0.0, 0.25, -0.2, 0.1, -0.1]
+    days = pl.Series(
+        "ts",
+        [dt.datetime(2024, 1, 1 + d) for d, _ in enumerate(offsets) for _ in range(4_000)],
+    )
+    x = np.concatenate([rng.normal(o, 1.0, 4_000) for o in offsets])
+    stable = rng.normal(0.0, 1.0, x.size)
+    frame = pl.DataFrame({"x": x, "stable": stable})
+    columns = {"x": "numeric", "stable": "numeric"}
+    config = DriftTestConfig(large_window_rows=1_000, noise_margin=1.5)
+    noise = day_noise(frame, days, columns, config, 5_000, seed=0)
+    assert noise["x"] > 0.1 > noise["stable"]
+    # Fewer than min_days days: nothing is calibrated.
+    assert day_noise(frame.head(8_000), days.head(8_000), columns, config, 5_000, 0) == {}
+    window = pl.DataFrame(
+        {"x": rng.normal(0.25, 1.0, 4_000), "stable": rng.normal(0.0, 1.0, 4_000)}
+    )
+    plain = data_drift(frame, window, columns, config, 20_000, seed=1)
+    calibrated = data_drift(frame, window, columns, config, 20_000, seed=1, noise=noise)
+    assert plain["x"].drifted and not calibrated["x"].drifted
+    assert calibrated["x"].test.threshold == pytest.approx(1.5 * noise["x"])
+    # A real shift still clears the calibrated threshold.
+    shifted = window.with_columns(pl.col("x") + 1.0)
+    assert data_drift(frame, shifted, columns, config, 20_000, seed=1, noise=noise)["x"].drifted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec
+from features.feature_spec import DriftRole, Entity, Feature, FeatureKind, FeatureSpec
+from monitoring.columns import judged_columns
 from monitoring.reference import DATA_FILE, META_FILE, ReferenceProfile
 
 SPEC = FeatureSpec(
@@ -85,16 +87,19 @@ def test_build_names_missing_columns() -> None:
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     created = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
     profile = ReferenceProfile.build(_frame(), SPEC, rows=100, seed=3, created_at=created)
+    profile = replace(profile, noise={"x": 0.05})
     folder = profile.save(tmp_path / "reference")
     meta = json.loads((tmp_path / "reference" / META_FILE).read_text())
     assert meta == {
-        "format": 1,
+        "format": 2,
         "created_at": "2024-03-01T12:00:00+00:00",
         "spec_version": 1,
         "features": {"x": "numeric", "c": "categorical"},
         "predictions": ["score"],
         "labels": ["label"],
         "skipped": {"history": "sequence"},
+        "unjudged": {},
+        "noise": {"x": 0.05},
         "rows": 100,
         "source_rows": 1000,
         "seed": 3,
@@ -114,3 +119,43 @@ def test_load_refuses_unfinished_or_inconsistent_profiles(tmp_path: Path) -> Non
     pl.DataFrame({"x": [1.0]}).write_parquet(tmp_path / DATA_FILE)
     with pytest.raises(ValueError, match="inconsistent"):
         ReferenceProfile.load(tmp_path)
+
+
+def test_features_that_move_with_time_are_kept_out_with_their_reason() -> None:
+    spec = FeatureSpec(
+        features=(
+            Feature(name="x", kind=FeatureKind.NUMERIC, entity=Entity.USER, dtype="float64"),
+            Feature(
+                name="user_id", kind=FeatureKind.CATEGORICAL, entity=Entity.USER,
+                dtype="int64", hash_buckets=10, drift=DriftRole.IDENTIFIER,
+            ),
+            Feature(
+                name="clicks_total", kind=FeatureKind.NUMERIC, entity=Entity.USER,
+                dtype="float64", drift=DriftRole.GROWING,
+            ),
+            Feature(
+                name="clicks_7d", kind=FeatureKind.NUMERIC, entity=Entity.USER,
+                dtype="float64", warmup_days=7,
+            ),
+            Feature(
+                name="weekday", kind=FeatureKind.CATEGORICAL, entity=Entity.CONTEXT,
+                dtype="int64", vocabulary=tuple("0123456"), drift=DriftRole.CALENDAR,
+            ),
+        ),
+    )  # fmt: skip
+    judged, unjudged = judged_columns(spec, log_age_days=3.0, window_days=1)
+    assert list(judged) == ["x"]
+    assert set(unjudged) == {"user_id", "clicks_total", "clicks_7d", "weekday"}
+    assert "3.0 days old" in unjudged["clicks_7d"]
+    # An older log fills the 7-day window; a week-long window holds every weekday.
+    judged, unjudged = judged_columns(spec, log_age_days=7.0, window_days=7)
+    assert list(judged) == ["x", "clicks_7d", "weekday"]
+    # A table without time: windows are taken as filled.
+    assert "clicks_7d" in judged_columns(spec, log_age_days=None, window_days=1)[0]
+    frame = pl.DataFrame(
+        {"x": [1.0, 2.0], "user_id": [1, 2], "clicks_total": [3.0, 4.0],
+         "clicks_7d": [1.0, 0.0], "weekday": [0, 1], "score": [0.1, 0.2]}
+    )  # fmt: skip
+    profile = ReferenceProfile.build(frame, spec, rows=10, seed=0, log_age_days=3.0)
+    assert list(profile.features) == ["x"] and profile.frame.columns == ["x", "score"]
+    assert "user_id" in profile.unjudged and "user_id" not in profile.skipped
