@@ -1,11 +1,11 @@
 """Monitoring on the tiny pipeline's own data: the reference step, monitor runs, alerts, MLflow.
 
 Builds on the session's ``tiny_default_style_run`` (copied: these tests write
-into the workdir). The tiny world has no drift event, but its 5 days are all
-warm-up: cumulative counters (``*_total``, ``*_seconds_since_first``,
-``item_age_days``) and the calendar (``weekday``) differ between the training
-days and the last day by construction, so the clean window's assertions are
-about the features that are stationary there (static attributes).
+into the workdir). The tiny world has no drift event; its reference is its
+held-out part (the last day), so the default window (the newest day) is the
+reference's own day: no drift and, with recipients configured, no e-mail.
+Features that move with time by construction (``*_total``, ids, ``weekday``,
+counts whose window the 5-day log has not filled) are not judged, with reasons.
 """
 
 from __future__ import annotations
@@ -110,25 +110,39 @@ def test_reference_profile_has_the_spec_columns_score_and_label(prepared: Path) 
         ).read_text()
     )
     monitored = [f["name"] for f in spec["features"] if f["kind"] in ("numeric", "categorical")]
-    assert list(profile.features) == monitored
-    assert "retrieval_score" in profile.features
+    judged = [name for name in monitored if name in profile.features]
+    assert list(profile.features) == judged
+    assert set(judged) | set(profile.unjudged) == set(monitored)
+    # Ids, lifetime counters, the calendar and 7-day counts of a 4-day-old log are left out.
+    for name in ("user_id", "item_id", "user_events_total", "weekday", "item_clicks_7d"):
+        assert name in profile.unjudged, name
+    assert "item_clicks_1d" in profile.features and "retrieval_score" in profile.features
     assert profile.predictions == ("score",)
     assert profile.labels[0] == "label"
-    assert profile.frame.columns == [*monitored, "score", *profile.labels]
+    assert profile.frame.columns == [*judged, "score", *profile.labels]
     scores = profile.frame.get_column("score")
     assert scores.null_count() == 0 and 0.0 <= scores.min() <= scores.max() <= 1.0
-    # Drawn from the reranker's training part (80% of the rows by time).
-    assert profile.rows == min(config.monitoring.reference_rows, meta["train_rows"])
-    assert meta["train_rows"] == profile.source_rows
-    assert 0.75 < meta["train_rows"] / 10_000 < 0.85
+    # Drawn from the reranker's held-out part (valid + test: the last 20% by time),
+    # from its first whole day.
+    assert profile.rows == min(config.monitoring.reference_rows, meta["held_out_rows"])
+    assert meta["held_out_rows"] == profile.source_rows
+    assert 0.1 < meta["held_out_rows"] / 10_000 <= 0.2
     assert set(meta["scored_with"]) >= {"train_ranker", "train_retrieval"}
-    newest_train = dt.datetime.fromisoformat(meta["period"]["end"])
-    assert profile.frame.height > 0 and newest_train.date() < dt.date(2026, 1, 5)
+    start = dt.datetime.fromisoformat(meta["period"]["start"])
+    assert start.date() == dt.date(2026, 1, 5) and meta["log_age_days"] == 4.0
+    # Its day's sketches are the popularity head's baseline.
+    assert meta["sketch_days"] == 1
 
 
-def test_clean_window_writes_reports_and_summary(workdir: Path) -> None:
-    config = _config(workdir)
+def test_clean_window_writes_reports_and_summary_and_sends_no_email(
+    workdir: Path, smtp: tuple[int, Any]
+) -> None:
+    port, inbox = smtp
+    config = _config(workdir, *_alert_sets(port))
     record = run_monitoring(config, track=False)
+    # No drift -> no finding, no e-mail.
+    assert record.findings == [] and record.delivery is None
+    assert len(inbox.envelopes) == 0
     assert record.window.end is not None and record.window.end.hour == 0
     assert record.window.end - record.window.start == dt.timedelta(days=1)
     assert record.rows["window"] > 1000
@@ -155,7 +169,10 @@ def test_clean_window_writes_reports_and_summary(workdir: Path) -> None:
     concept = [c for (k, _), c in checks.items() if k == "concept_drift"]
     assert {c["column"] for c in concept} == {"auc", "logloss", "ece"}
     assert not any(c["drifted"] for c in concept)
-    # No recipients configured (the default): findings dead-letter, the run succeeds.
+    sketches = {c["column"]: c for c in summary["checks"] if c["check"] == "sketch"}
+    assert set(sketches) == {"dau", "popularity_head"}
+    assert sketches["dau"]["judged"] and not sketches["dau"]["drifted"]
+    assert (folder / "sketch_checks.json").exists()
     assert not record.delivery_failed
     assert (folder.parent / LAST_RUN_FILE).exists()
 
@@ -224,7 +241,9 @@ def test_cli_monitor_run_prints_the_table_and_fails_only_on_failed_delivery(
     for word in ("check", "column", "statistic", "threshold", "drifted", "item_price", "score"):
         assert word in printed
 
-    # SMTP down with recipients and on_smtp_failure=fail: dead letter and a non-zero exit.
+    # A drifted window, SMTP down with recipients and on_smtp_failure=fail: dead
+    # letter and a non-zero exit.
+    _shift_last_day(_config(workdir), SHIFTED, 3.0)
     down = [*_alert_sets(free_port()), "monitoring.alerts.smtp.timeout_s=2"]
     sets = [item for pair in (("--set", s) for s in down) for item in pair]
     code = main(["monitor", "run", *base, *sets, "--window-end", "2026-01-06", "--no-track"])
