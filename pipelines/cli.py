@@ -651,6 +651,26 @@ def monitor_run(
         raise typer.Exit(1)
 
 
+@monitor_app.command("ui")
+def monitor_ui(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: monitoring.ui_port, 8700).")
+    ] = None,
+) -> None:
+    """Browse every monitor run's Evidently reports (the workdir's Evidently workspace) in
+    Evidently's UI, in the foreground; Ctrl-C stops it."""
+    from monitoring.workspace import serve_ui, workspace_path
+
+    config = _config(preset, sets)
+    folder = workspace_path(config.paths.workdir)
+    chosen = port or config.monitoring.ui_port
+    out.print(f"Evidently UI for {folder}: http://{host}:{chosen}")
+    serve_ui(folder, host, chosen)
+
+
 @config_app.command("show")
 def config_show(preset: PresetOpt = "default", sets: SetOpt = None) -> None:
     """Print the fully resolved configuration as YAML."""

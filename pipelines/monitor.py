@@ -55,6 +55,7 @@ non-zero, the pipeline step fails after the reports are published).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -69,7 +70,7 @@ from features.event_log import EventLog, prediction_log_root
 from features.feature_spec import SPEC_FILE, FeatureSpec
 from features.schemas import PREDICTIONS
 from features.training_frame import has_impressions
-from infra.config import DriftTestConfig, RayrecConfig
+from infra.config import DriftTestConfig, MonitoringConfig, RayrecConfig
 from infra.errors import RayrecError
 from infra.logs import get_logger
 from infra.publish import Published, VersionedOutput
@@ -91,12 +92,14 @@ from monitoring.concept import ConceptResult, concept_drift
 from monitoring.drift import DriftResult, data_drift, day_noise, prediction_drift
 from monitoring.reference import ReferenceProfile
 from monitoring.sketch_checks import (
+    SKETCH_SCHEMA,
     SketchCheck,
     dau_check,
     day_sketches,
     head_check,
     load_sketches,
 )
+from monitoring.workspace import add_reports, workspace_path
 from pipelines.ranker.retrieval_feature import with_retrieval_score
 from pipelines.runner import published, step_output
 from serving.encoding import RETRIEVAL_SCORE, encode_examples
@@ -110,6 +113,7 @@ PROFILE_FOLDER = "profile"
 REFERENCE_META = "reference_meta.json"
 SUMMARY_FILE = "summary.json"
 LAST_RUN_FILE = "last_run.json"
+SKETCH_CACHE = "sketch_cache"
 SCORE = "score"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -312,6 +316,56 @@ def events_between(folder: StoragePath, start: dt.datetime, end: dt.datetime) ->
     )
 
 
+def cached_day_sketches(
+    config: RayrecConfig, folder: StoragePath, start: dt.datetime, end: dt.datetime
+) -> pl.DataFrame:
+    """Per-day sketches (:data:`~monitoring.sketch_checks.SKETCH_SCHEMA`) of the events
+    with ``ts`` in ``[start, end)``, built once per day.
+
+    A day's sketches are kept under ``<workdir>/monitoring/sketch_cache/<day>.parquet``
+    with the number of events they were built from; they are reused while the log
+    still holds that many events for the day (a day still filling up, or a log
+    ingested anew with other events, is rebuilt). Counting reads one column, so a
+    run costs one day's sketches, not ``trend_days`` of them.
+    """
+    cache = StoragePath.from_uri(config.paths.workdir).join("monitoring", SKETCH_CACHE)
+    events = read_events(folder)
+    if has_impressions(events):
+        events = events.filter(pl.col("event_type") == "impression")
+    in_range = events.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+    counts = (
+        in_range.group_by(pl.col("ts").dt.date().alias("day")).len().sort("day").collect().rows()
+    )
+    kept: list[pl.DataFrame] = []
+    missing: list[dt.date] = []
+    for day, count in counts:
+        path = cache.join(f"{day.isoformat()}.parquet")
+        if path.exists():
+            frame = pl.read_parquet(io.BytesIO(path.read_bytes()))
+            if frame.height == 1 and frame.item(0, "events") == count:
+                kept.append(frame.drop("events"))
+                continue
+        missing.append(day)
+    if missing:
+        rows = (
+            in_range.filter(pl.col("ts").dt.date().is_in(missing))
+            .select("user_id", "item_id", "ts")
+            .collect()
+        )
+        built = day_sketches(rows, config.features.sketches)
+        for day, count in counts:
+            if day not in missing:
+                continue
+            frame = built.filter(pl.col("day") == day)
+            buffer = io.BytesIO()
+            frame.with_columns(pl.lit(count, dtype=pl.Int64).alias("events")).write_parquet(buffer)
+            cache.join(f"{day.isoformat()}.parquet").write_bytes_atomic(buffer.getvalue())
+            kept.append(frame)
+    if not kept:
+        return pl.DataFrame(schema=SKETCH_SCHEMA)
+    return pl.concat(kept).sort("day")
+
+
 def sketch_checks(
     config: RayrecConfig, window: Window, reference: pl.DataFrame | None
 ) -> list[SketchCheck]:
@@ -321,9 +375,9 @@ def sketch_checks(
     assert window.start is not None and window.end is not None
     sketches = config.features.sketches
     folder = validated_events(config)
-    current = day_sketches(events_between(folder, window.start, window.end), sketches)
+    current = cached_day_sketches(config, folder, window.start, window.end)
     trend_start = window.start - settings.trend_days * DAY
-    trend = day_sketches(events_between(folder, trend_start, window.start), sketches)
+    trend = cached_day_sketches(config, folder, trend_start, window.start)
     checks = [dau_check(current, trend, settings.margin, settings.dau_floor, settings.min_days)]
     if reference is None:
         checks.append(
@@ -357,6 +411,48 @@ def load_reference(
     meta = json.loads(current.path.join(REFERENCE_META).read_text())
     folder = current.path.join(PROFILE_FOLDER)
     return ReferenceProfile.load(folder), meta, load_sketches(folder)
+
+
+def judge_window(
+    profile: ReferenceProfile, current: pl.DataFrame, settings: MonitoringConfig, seed: int
+) -> tuple[dict[str, DriftResult], ConceptResult | None]:
+    """Data drift of the profile's features, prediction drift of ``score`` and, when the
+    window has labels, concept drift: ``current`` (the window's rows, scored) against
+    ``profile``, each side sampled to ``settings.max_window_rows``."""
+    results = {
+        "data_drift": data_drift(
+            profile.frame,
+            current,
+            profile.features,
+            settings.drift,
+            settings.max_window_rows,
+            seed,
+            noise=profile.noise,
+        ),
+        "prediction_drift": prediction_drift(
+            profile.frame,
+            current,
+            settings.drift,
+            settings.max_window_rows,
+            seed,
+            SCORE,
+            noise=profile.noise,
+        ),
+    }
+    concept = None
+    if profile.labels and profile.labels[0] in current.columns:
+        concept = concept_drift(
+            profile.frame,
+            current,
+            settings.concept_ci,
+            settings.concept_min_labels,
+            seed,
+            label=profile.labels[0],
+            score=SCORE,
+            max_rows=settings.max_window_rows,
+            min_change=dict(settings.concept_min_change),
+        )
+    return results, concept
 
 
 def run_monitoring(
@@ -404,36 +500,7 @@ def run_monitoring(
         scorer = scorer_of_reference(config, meta["scored_with"])
         current = scorer.score(sample_rows(rows, settings.max_window_rows, [seed, 0]))
         record.rows["used"] = current.height
-        results["data_drift"] = data_drift(
-            profile.frame,
-            current,
-            profile.features,
-            settings.drift,
-            settings.max_window_rows,
-            seed,
-            noise=profile.noise,
-        )
-        results["prediction_drift"] = prediction_drift(
-            profile.frame,
-            current,
-            settings.drift,
-            settings.max_window_rows,
-            seed,
-            SCORE,
-            noise=profile.noise,
-        )
-        if profile.labels and profile.labels[0] in current.columns:
-            concept = concept_drift(
-                profile.frame,
-                current,
-                settings.concept_ci,
-                settings.concept_min_labels,
-                seed,
-                label=profile.labels[0],
-                score=SCORE,
-                max_rows=settings.max_window_rows,
-                min_change=dict(settings.concept_min_change),
-            )
+        results, concept = judge_window(profile, current, settings, seed)
     sketches = (
         sketch_checks(config, window, reference_sketches) if settings.sketches.enabled else []
     )
@@ -476,6 +543,14 @@ def run_monitoring(
         staging.join(SUMMARY_FILE).write_text_atomic(json.dumps(record.to_dict(), indent=2))
         report = output.publish(staging, {"window": record.key, "findings": record.findings})
     record.reports = report.path.uri
+    workdir = StoragePath.from_uri(config.paths.workdir)
+    if workdir.is_local:
+        snapshots = {name: r.snapshot for name, r in results.items() if r.snapshot is not None}
+        try:
+            add_reports(workspace_path(workdir.local_path()), MONITOR, record.key, snapshots)
+        except Exception as exc:  # the reports are published; the UI's copy is a convenience
+            record.details["workspace_error"] = repr(exc)[:300]
+            log.warning("monitor.workspace_failed", window=record.key, error=repr(exc)[:300])
 
     if findings:
         first = findings[0].key.split(":")[0]

@@ -173,6 +173,9 @@ def test_clean_window_writes_reports_and_summary_and_sends_no_email(
     assert set(sketches) == {"dau", "popularity_head"}
     assert sketches["dau"]["judged"] and not sketches["dau"]["drifted"]
     assert (folder / "sketch_checks.json").exists()
+    # Each day's sketches are built once: the window's day and its trend days.
+    cached = sorted((workdir / "monitoring" / "sketch_cache").glob("*.parquet"))
+    assert [p.stem for p in cached] == [f"2026-01-0{d}" for d in range(1, 6)]
     assert not record.delivery_failed
     assert (folder.parent / LAST_RUN_FILE).exists()
 
@@ -294,3 +297,45 @@ def test_served_scores_are_judged_against_the_previous_window(workdir: Path) -> 
     assert record.rows["served"] == 3000 and record.rows["served_previous"] == 0
     assert not any(c["check"] == "served_prediction_drift" for c in record.checks)
     assert "served_note" in record.to_dict()
+
+
+def test_monitor_ui_serves_the_workspace_of_monitor_runs(
+    workdir: Path, free_port: Callable[[], int]
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    record = run_monitoring(_config(workdir), track=False)
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "rayrec"), "monitor", "ui", "-p", "tiny",
+        "--set", f"paths.workdir={workdir}", "--port", str(port),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 90
+        projects = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/projects", timeout=2
+                ) as r:
+                    projects = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert projects is not None, "the UI did not answer"
+        project = next(p for p in projects if p["name"] == "rayrec reranker")
+        url = f"http://127.0.0.1:{port}/api/projects/{project['id']}/snapshots"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            names = {s["metadata"].get("name") or s.get("name") for s in json.loads(r.read())}
+        assert f"data_drift {record.key}" in str(names)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
