@@ -1,0 +1,144 @@
+"""Embedding drift and ANN health: checks on vectors, not columns.
+
+**Embedding drift** (:func:`embedding_drift`): can a classifier tell the
+window's vectors from the reference's? A logistic regression (scikit-learn,
+seeded) learns reference-vs-window on half of a balanced sample and is scored
+by ROC AUC on the other half; the statistic is ``AUC - 0.5`` (0: the two are
+indistinguishable). This is Evidently's default embedding drift method
+("model"), here on numpy arrays so the vectors never become DataFrame
+columns. Threshold: ``margin`` times the largest leave-one-day-out statistic
+of the reference days (the same day-to-day noise the column tests use), and
+at least ``floor`` (0.05: AUC 0.55, Evidently's default).
+
+**ANN health** (:func:`ann_health`): recall@k of the live index against exact
+search over the index's own vectors, for a sample of the window's queries
+(the users' vectors): a drift of the query distribution away from what an
+approximate index was tuned on shows as a recall drop. The pipeline runs the
+searches; monitoring compares ids (it never imports models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VectorCheck:
+    """A vector check's verdict (``statistic`` vs ``threshold``; ``judged`` False with a
+    ``reason`` when there is too little to judge)."""
+
+    check: str
+    statistic: float | None
+    threshold: float | None
+    drifted: bool
+    judged: bool
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "statistic": self.statistic,
+            "threshold": self.threshold,
+            "drifted": self.drifted,
+            "judged": self.judged,
+            "reason": self.reason,
+            **self.details,
+        }
+
+
+def classifier_distance(
+    reference: np.ndarray, current: np.ndarray, seed: int, max_rows: int = 5_000
+) -> float:
+    """``AUC - 0.5`` of a logistic regression telling ``current`` (m, d) from
+    ``reference`` (n, d), on a held-out half of at most ``max_rows`` rows a side."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    size = min(len(reference), len(current), max_rows)
+    ref = reference[rng.choice(len(reference), size, replace=False)]
+    cur = current[rng.choice(len(current), size, replace=False)]
+    x = np.concatenate([ref, cur]).astype(np.float64)
+    y = np.concatenate([np.zeros(size), np.ones(size)])
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    half = len(x) // 2
+    model = LogisticRegression(max_iter=500)
+    model.fit(x[:half], y[:half])
+    auc = roc_auc_score(y[half:], model.predict_proba(x[half:])[:, 1])
+    # Below 0.5 is noise (the classifier found nothing), not a mirrored drift.
+    return max(0.0, float(auc) - 0.5)
+
+
+def day_noise(vectors: np.ndarray, days: np.ndarray, seed: int, min_days: int = 3) -> float | None:
+    """The largest :func:`classifier_distance` of one day's vectors against the other days';
+    None with fewer than ``min_days`` days."""
+    distinct = np.unique(days)
+    if len(distinct) < min_days:
+        return None
+    return max(
+        classifier_distance(vectors[days != day], vectors[days == day], seed + i)
+        for i, day in enumerate(distinct)
+    )
+
+
+def embedding_drift(
+    name: str,
+    reference: np.ndarray,
+    current: np.ndarray,
+    noise: float | None,
+    seed: int,
+    margin: float = 2.0,
+    floor: float = 0.05,
+    min_rows: int = 200,
+) -> VectorCheck:
+    """Drift of ``current``'s vectors (m, d) against ``reference``'s (n, d); see the module
+    docstring."""
+    if min(len(reference), len(current)) < min_rows:
+        return VectorCheck(
+            name, None, None, False, False,
+            f"{len(reference)} reference and {len(current)} window vectors (needs {min_rows})",
+        )  # fmt: skip
+    statistic = classifier_distance(reference, current, seed)
+    threshold = max(floor, margin * noise) if noise is not None else floor
+    return VectorCheck(
+        name,
+        statistic,
+        threshold,
+        statistic > threshold,
+        True,
+        details={"auc": 0.5 + statistic, "noise": noise, "rows": [len(reference), len(current)]},
+    )
+
+
+def ann_health(found: np.ndarray, exact: np.ndarray, min_recall: float) -> VectorCheck:
+    """Recall@k of the live index: ``found`` (B, k) ids it returned for B sampled
+    queries, ``exact`` (B, k) the ids exact search over the index's own vectors
+    returned (``-1``: an empty slot); drifted below ``min_recall``.
+
+    The pipeline runs both searches (:mod:`models.index`); monitoring sees ids only.
+    """
+    name = "ann_recall"
+    if found.shape != exact.shape:
+        raise ValueError(f"found {found.shape} and exact {exact.shape} differ in shape")
+    valid = exact >= 0
+    if found.size == 0 or not valid.any():
+        return VectorCheck(name, None, None, False, False, "no queries or an empty index")
+    hits = np.array(
+        [np.isin(e[e >= 0], f).sum() for f, e in zip(found, exact, strict=True)], dtype=float
+    )
+    per_query = valid.sum(axis=1)
+    judged = per_query > 0
+    recall = float(np.mean(hits[judged] / per_query[judged]))
+    return VectorCheck(
+        name,
+        recall,
+        min_recall,
+        recall < min_recall,
+        True,
+        details={"k": int(found.shape[1]), "queries": int(judged.sum())},
+    )
