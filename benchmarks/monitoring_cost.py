@@ -98,6 +98,7 @@ def child(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     settings = MonitoringConfig(max_window_rows=args.max_rows)
     sketches = SketchConfig()
+    rules = settings.sketches
     # Prepared beforehand in production (the reference step, earlier runs' cache).
     reference = make_frame(REFERENCE_ROWS, args.features, rng, 0.0)
     spec = FeatureSpec(
@@ -132,8 +133,16 @@ def child(args: argparse.Namespace) -> None:
     judged = time.perf_counter()
     current = day_sketches(events, sketches)
     checks = [
-        dau_check(current, trend, 1.5, 0.1, 3),
-        head_check(current, reference_days, sketches, 20, 1.5, 0.05, 3),
+        dau_check(current, trend, rules.margin, rules.dau_floor, rules.min_days),
+        head_check(
+            current,
+            reference_days,
+            sketches,
+            rules.head_k,
+            rules.margin,
+            rules.head_floor,
+            rules.min_days,
+        ),
     ]
     sketched = time.perf_counter()
     for name, result in results.items():

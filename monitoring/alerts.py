@@ -564,9 +564,7 @@ class AlertSender:
             if rec.get("status") == "sent":
                 sent.setdefault(rec["finding"], []).append(rec)
             if rec.get("status") in counted:
-                seen.setdefault(rec["finding"], []).append(rec)
-                if self.config.cooldown_scope == "monitor":
-                    seen.setdefault(_ANY, []).append(rec)
+                seen.setdefault(self._cooldown_key(rec["finding"]), []).append(rec)
         to_send: list[Finding] = []
         duplicate: list[Finding] = []
         cooldown: list[Finding] = []
@@ -576,12 +574,16 @@ class AlertSender:
                 duplicate.append(finding)
             elif any(
                 self._in_cooldown(alert.window, rec, now)
-                for rec in seen.get(finding.key, []) + seen.get(_ANY, [])
+                for rec in seen.get(self._cooldown_key(finding.key), [])
             ):
                 cooldown.append(finding)
             else:
                 to_send.append(finding)
         return to_send, duplicate, cooldown
+
+    def _cooldown_key(self, finding: str) -> str:
+        """What a finding's cooldown is kept under: itself, or the whole monitor."""
+        return _ANY if self.config.cooldown_scope == "monitor" else finding
 
     def _in_cooldown(self, window: Window, sent: dict[str, Any], now: dt.datetime) -> bool:
         """Within ``cooldown_hours`` of an earlier send: by window ends, else by wall clock."""

@@ -64,6 +64,7 @@ from features.feature_spec import FeatureKind
 from infra.config import DriftTestConfig
 from infra.storage import StoragePath
 from monitoring.columns import column_kinds, sample_rows
+from monitoring.verdict import noise_threshold
 
 if TYPE_CHECKING:
     from evidently import Run
@@ -340,7 +341,8 @@ def data_drift(
         prepared_ref[name], prepared_cur[name] = ref_values, cur_values
         test = choose_test(name, kind, cur.height, config)
         if noise and name in noise and test.family == "distance" and name not in config.thresholds:
-            test = replace(test, threshold=max(test.threshold, config.noise_margin * noise[name]))
+            threshold = noise_threshold(test.threshold, config.noise_margin, noise[name])
+            test = replace(test, threshold=threshold)
         plans[name] = (test, ref_summary, cur_summary)
 
     tested = [name for name, (test, _, _) in plans.items() if test.family == "p_value"]

@@ -19,35 +19,12 @@ searches; monitoring compares ids (it never imports models).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 
+from monitoring.verdict import Verdict, above, not_judged
 
-@dataclass(frozen=True)
-class VectorCheck:
-    """A vector check's verdict (``statistic`` vs ``threshold``; ``judged`` False with a
-    ``reason`` when there is too little to judge)."""
-
-    check: str
-    statistic: float | None
-    threshold: float | None
-    drifted: bool
-    judged: bool
-    reason: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "check": self.check,
-            "statistic": self.statistic,
-            "threshold": self.threshold,
-            "drifted": self.drifted,
-            "judged": self.judged,
-            "reason": self.reason,
-            **self.details,
-        }
+EMBEDDING_TEST = "classifier_auc"
+RECALL_TEST = "recall_vs_exact"
 
 
 def classifier_distance(
@@ -95,27 +72,29 @@ def embedding_drift(
     margin: float = 2.0,
     floor: float = 0.05,
     min_rows: int = 200,
-) -> VectorCheck:
+) -> Verdict:
     """Drift of ``current``'s vectors (m, d) against ``reference``'s (n, d); see the module
     docstring."""
     if min(len(reference), len(current)) < min_rows:
-        return VectorCheck(
-            name, None, None, False, False,
+        return not_judged(
+            name,
+            EMBEDDING_TEST,
             f"{len(reference)} reference and {len(current)} window vectors (needs {min_rows})",
-        )  # fmt: skip
+        )
     statistic = classifier_distance(reference, current, seed)
-    threshold = max(floor, margin * noise) if noise is not None else floor
-    return VectorCheck(
+    return above(
         name,
+        EMBEDDING_TEST,
         statistic,
-        threshold,
-        statistic > threshold,
-        True,
-        details={"auc": 0.5 + statistic, "noise": noise, "rows": [len(reference), len(current)]},
+        () if noise is None else (noise,),
+        margin,
+        floor,
+        note=f"a classifier tells the window from the reference at AUC {0.5 + statistic:.3f}",
+        details={"auc": 0.5 + statistic, "rows": [len(reference), len(current)]},
     )
 
 
-def ann_health(found: np.ndarray, exact: np.ndarray, min_recall: float) -> VectorCheck:
+def ann_health(found: np.ndarray, exact: np.ndarray, min_recall: float) -> Verdict:
     """Recall@k of the live index: ``found`` (B, k) ids it returned for B sampled
     queries, ``exact`` (B, k) the ids exact search over the index's own vectors
     returned (``-1``: an empty slot); drifted below ``min_recall``.
@@ -127,18 +106,21 @@ def ann_health(found: np.ndarray, exact: np.ndarray, min_recall: float) -> Vecto
         raise ValueError(f"found {found.shape} and exact {exact.shape} differ in shape")
     valid = exact >= 0
     if found.size == 0 or not valid.any():
-        return VectorCheck(name, None, None, False, False, "no queries or an empty index")
+        return not_judged(name, RECALL_TEST, "no queries or an empty index")
     hits = np.array(
         [np.isin(e[e >= 0], f).sum() for f, e in zip(found, exact, strict=True)], dtype=float
     )
     per_query = valid.sum(axis=1)
     judged = per_query > 0
     recall = float(np.mean(hits[judged] / per_query[judged]))
-    return VectorCheck(
+    k = int(found.shape[1])
+    return Verdict(
         name,
+        RECALL_TEST,
         recall,
         min_recall,
         recall < min_recall,
         True,
-        details={"k": int(found.shape[1]), "queries": int(judged.sum())},
+        note=f"recall@{k} {recall:.3f} against exact search",
+        details={"k": k, "queries": int(judged.sum())},
     )

@@ -26,9 +26,6 @@ from __future__ import annotations
 import io
 import math
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -43,8 +40,11 @@ from features.sketches import (
 )
 from infra.config import SketchConfig
 from infra.storage import StoragePath
+from monitoring.verdict import Verdict, above, not_judged
 
 SKETCH_FILE = "sketches.parquet"
+DAU_TEST = "hll_log_ratio_vs_trend"
+HEAD_TEST = "cms_head_tvd"
 # Columns of one baseline day: its Count-Min of item events, their weight, the
 # items it saw (the heavy-hitter candidates) and its distinct users.
 SKETCH_SCHEMA = {
@@ -54,35 +54,6 @@ SKETCH_SCHEMA = {
     "items": pl.List(pl.Int64()),
     "dau": pl.Float64(),
 }
-
-
-@dataclass(frozen=True)
-class SketchCheck:
-    """One sketch check's verdict: ``statistic`` against ``threshold`` (``margin`` × the
-    largest leave-one-out ``baseline`` statistic, at least ``floor``); ``judged`` False
-    (with ``reason``) when the baseline is too short; ``details`` what a reader needs
-    (the window's and the baseline's values, the heads)."""
-
-    check: str
-    statistic: float | None
-    threshold: float | None
-    drifted: bool
-    judged: bool
-    reason: str = ""
-    baseline: tuple[float, ...] = ()
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "check": self.check,
-            "statistic": self.statistic,
-            "threshold": self.threshold,
-            "drifted": self.drifted,
-            "judged": self.judged,
-            "reason": self.reason,
-            "baseline": list(self.baseline),
-            **self.details,
-        }
 
 
 def day_sketches(events: pl.DataFrame, sketches: SketchConfig) -> pl.DataFrame:
@@ -119,42 +90,18 @@ def load_sketches(folder: StoragePath) -> pl.DataFrame | None:
     return pl.read_parquet(io.BytesIO(path.read_bytes()))
 
 
-def _verdict(
-    name: str,
-    statistic: float,
-    baseline: Sequence[float],
-    margin: float,
-    floor: float,
-    details: dict[str, Any],
-) -> SketchCheck:
-    threshold = max(floor, margin * max(baseline))
-    return SketchCheck(
-        check=name,
-        statistic=statistic,
-        threshold=threshold,
-        drifted=statistic > threshold,
-        judged=True,
-        baseline=tuple(round(b, 6) for b in baseline),
-        details=details,
-    )
-
-
-def _not_judged(name: str, reason: str, details: dict[str, Any] | None = None) -> SketchCheck:
-    return SketchCheck(name, None, None, False, False, reason, details=details or {})
-
-
 def dau_check(
     window: pl.DataFrame, trend: pl.DataFrame, margin: float, floor: float, min_days: int
-) -> SketchCheck:
+) -> Verdict:
     """DAU of the window's days against the median of the trend days before it."""
     name = "dau"
     trend_dau = trend.get_column("dau").to_list()
     window_dau = window.get_column("dau").to_list()
     if not window_dau:
-        return _not_judged(name, "no events in the window")
+        return not_judged(name, DAU_TEST, "no events in the window")
     if len(trend_dau) < min_days:
-        return _not_judged(
-            name, f"{len(trend_dau)} trend days before the window (needs {min_days})"
+        return not_judged(
+            name, DAU_TEST, f"{len(trend_dau)} trend days before the window (needs {min_days})"
         )
     current = statistics.fmean(window_dau)
     median = statistics.median(trend_dau)
@@ -168,7 +115,9 @@ def dau_check(
         "trend_days": [str(d) for d in trend.get_column("day").to_list()],
         "change": round(current / median - 1.0, 4),
     }
-    return _verdict(name, abs(math.log(current / median)), baseline, margin, floor, details)
+    note = f"DAU {current:,.0f} vs trend median {median:,.0f} ({details['change']:+.1%})"
+    statistic = abs(math.log(current / median))
+    return above(name, DAU_TEST, statistic, baseline, margin, floor, note, details)
 
 
 def _shares(cms: bytes, ids: np.ndarray) -> np.ndarray:
@@ -203,14 +152,14 @@ def head_check(
     margin: float,
     floor: float,
     min_days: int,
-) -> SketchCheck:
+) -> Verdict:
     """The window's popularity head against the reference period's (module docstring)."""
     name = "popularity_head"
     if window.height == 0:
-        return _not_judged(name, "no events in the window")
+        return not_judged(name, HEAD_TEST, "no events in the window")
     if reference.height < min_days:
-        return _not_judged(
-            name, f"{reference.height} reference days with sketches (needs {min_days})"
+        return not_judged(
+            name, HEAD_TEST, f"{reference.height} reference days with sketches (needs {min_days})"
         )
     ref_sketches = reference.get_column("cms").to_list()
     ref_cms = merge_cms_many(ref_sketches, cms_config)
@@ -238,4 +187,5 @@ def head_check(
         "new_in_head": new,
         "reference_days": [str(d) for d in reference.get_column("day").to_list()],
     }
-    return _verdict(name, distance, baseline, margin, floor, details)
+    note = f"{len(new)} of the top {k} items new to the reference's head"
+    return above(name, HEAD_TEST, distance, baseline, margin, floor, note, details)

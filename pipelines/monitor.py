@@ -92,13 +92,14 @@ from monitoring.concept import ConceptResult, concept_drift
 from monitoring.drift import DriftResult, data_drift, day_noise, prediction_drift
 from monitoring.reference import ReferenceProfile
 from monitoring.sketch_checks import (
+    HEAD_TEST,
     SKETCH_SCHEMA,
-    SketchCheck,
     dau_check,
     day_sketches,
     head_check,
     load_sketches,
 )
+from monitoring.verdict import Verdict, not_judged
 from monitoring.workspace import add_reports, workspace_path
 from pipelines.ranker.retrieval_feature import with_retrieval_score
 from pipelines.runner import published, step_output
@@ -303,17 +304,18 @@ def validated_events(config: RayrecConfig) -> StoragePath:
     return current.path
 
 
-def events_between(folder: StoragePath, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
-    """``user_id, item_id, ts`` of the validated events under ``folder`` with ``ts`` in
-    ``[start, end)``: the impressions of a click log, every event of a log without them."""
+def _sketched_events(folder: StoragePath, start: dt.datetime, end: dt.datetime) -> pl.LazyFrame:
+    """The validated events under ``folder`` the sketches count, with ``ts`` in ``[start,
+    end)``: the impressions of a click log, every event of a log without them."""
     events = read_events(folder)
     if has_impressions(events):
         events = events.filter(pl.col("event_type") == "impression")
-    return (
-        events.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
-        .select("user_id", "item_id", "ts")
-        .collect()
-    )
+    return events.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+
+
+def events_between(folder: StoragePath, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+    """``user_id, item_id, ts`` of :func:`_sketched_events`."""
+    return _sketched_events(folder, start, end).select("user_id", "item_id", "ts").collect()
 
 
 def cached_day_sketches(
@@ -329,10 +331,7 @@ def cached_day_sketches(
     run costs one day's sketches, not ``trend_days`` of them.
     """
     cache = StoragePath.from_uri(config.paths.workdir).join("monitoring", SKETCH_CACHE)
-    events = read_events(folder)
-    if has_impressions(events):
-        events = events.filter(pl.col("event_type") == "impression")
-    in_range = events.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+    in_range = _sketched_events(folder, start, end)
     counts = (
         in_range.group_by(pl.col("ts").dt.date().alias("day")).len().sort("day").collect().rows()
     )
@@ -368,7 +367,7 @@ def cached_day_sketches(
 
 def sketch_checks(
     config: RayrecConfig, window: Window, reference: pl.DataFrame | None
-) -> list[SketchCheck]:
+) -> list[Verdict]:
     """DAU of the window against the trend days before it; its popularity head against the
     reference's days (none saved: not judged, with the reason)."""
     settings = config.monitoring.sketches
@@ -380,9 +379,7 @@ def sketch_checks(
     trend = cached_day_sketches(config, folder, trend_start, window.start)
     checks = [dau_check(current, trend, settings.margin, settings.dau_floor, settings.min_days)]
     if reference is None:
-        checks.append(
-            SketchCheck("popularity_head", None, None, False, False, "no reference sketches")
-        )
+        checks.append(not_judged("popularity_head", HEAD_TEST, "no reference sketches"))
     else:
         checks.append(
             head_check(
@@ -603,7 +600,7 @@ def _deliver(
 def _checks(
     results: dict[str, DriftResult],
     concept: ConceptResult | None,
-    sketches: list[SketchCheck],
+    sketches: list[Verdict],
 ) -> list[dict[str, Any]]:
     """One row per judged column or metric: check, column, test, statistic, threshold, drifted."""
     rows: list[dict[str, Any]] = []
@@ -612,12 +609,12 @@ def _checks(
             {
                 "check": "sketch",
                 "column": sketch.check,
-                "test": SKETCH_TESTS[sketch.check],
+                "test": sketch.test,
                 "statistic": sketch.statistic,
                 "threshold": sketch.threshold,
                 "drifted": sketch.drifted,
                 "judged": sketch.judged,
-                "note": sketch.reason or _sketch_note(sketch),
+                "note": sketch.reason or sketch.note,
             }
         )
     for check, result in results.items():
@@ -665,19 +662,7 @@ def _checks(
     return rows
 
 
-SKETCH_TESTS = {"dau": "hll_log_ratio_vs_trend", "popularity_head": "cms_head_tvd"}
-
-
-def _sketch_note(sketch: SketchCheck) -> str:
-    d = sketch.details
-    if sketch.check == "dau":
-        return (
-            f"DAU {d['current']:,.0f} vs trend median {d['trend_median']:,.0f} ({d['change']:+.1%})"
-        )
-    return f"{len(d['new_in_head'])} of the top {d['k']} items new to the reference's head"
-
-
-def _sketch_finding(window: Window, sketch: SketchCheck) -> Finding:
+def _sketch_finding(window: Window, sketch: Verdict) -> Finding:
     d = sketch.details
     assert sketch.statistic is not None and sketch.threshold is not None
     if sketch.check == "dau":
@@ -698,7 +683,7 @@ def _sketch_finding(window: Window, sketch: SketchCheck) -> Finding:
         features=(
             FeatureDrift(
                 feature=sketch.check,
-                test=SKETCH_TESTS[sketch.check],
+                test=sketch.test,
                 statistic=sketch.statistic,
                 threshold=sketch.threshold,
                 reference=reference,
@@ -728,7 +713,7 @@ def _findings(
     window: Window,
     results: dict[str, DriftResult],
     concept: ConceptResult | None,
-    sketches: list[SketchCheck],
+    sketches: list[Verdict],
 ) -> list[Finding]:
     """Data drift (share of drifted features at least ``drifted_share_alert``), prediction
     drift, served prediction drift, and each concept metric that drifted the harmful way
@@ -791,7 +776,7 @@ def _track(
     folder: StoragePath,
     results: dict[str, DriftResult],
     concept: ConceptResult | None,
-    sketches: list[SketchCheck],
+    sketches: list[Verdict],
 ) -> None:
     """Metrics as time series (step: days since epoch of the window end), summary, reports."""
     assert record.window.end is not None

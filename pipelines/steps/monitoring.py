@@ -163,7 +163,8 @@ def run_monitor(ctx: StepContext) -> StepResult:
 REFERENCE_PROFILE = Step(
     name=REFERENCE_STEP,
     run=run_reference_profile,
-    description="a scored sample of the reranker's training rows: what drift is measured against",
+    description="a scored sample of the reranker's held-out rows, their day-to-day noise and "
+    "sketches: what drift is measured against",
     inputs=(
         "validate",
         "features",
@@ -186,6 +187,7 @@ REFERENCE_PROFILE = Step(
         "monitoring.columns",
         "monitoring.drift",
         "monitoring.sketch_checks",
+        "monitoring.verdict",
         "features.feature_spec",
         "pipelines.monitor",
         "pipelines.steps.monitoring",
