@@ -796,6 +796,26 @@ class SketchCheckConfig(Section):
     min_days: int = Field(default=3, ge=2)
 
 
+class EmbeddingCheckConfig(Section):
+    """Embedding drift and ANN health (:mod:`monitoring.embeddings`), on the two-tower's vectors."""
+
+    enabled: bool = True
+    # Vectors a side the domain classifier sees: the reference keeps this many
+    # (user and item vector of each sampled row), a window is sampled to it.
+    rows: int = Field(default=5_000, ge=100)
+    # Drift when the classifier's AUC - 0.5 exceeds margin x the largest
+    # leave-one-day-out statistic of the reference days, and at least the floor
+    # (0.05: AUC 0.55, Evidently's default for its "model" method).
+    margin: float = Field(default=2.0, gt=0.0)
+    floor: float = Field(default=0.05, ge=0.0)
+    min_rows: int = Field(default=200, ge=10)
+    # ANN health: this many of the window's users (their vectors) query the live
+    # index and exact search over its own vectors, top serving.candidates each;
+    # unhealthy below min_recall (benchmarks/ann.py: HNSW at the defaults 0.98 at 1M items).
+    ann_queries: int = Field(default=500, ge=1)
+    ann_min_recall: float = Field(default=0.9, ge=0.0, le=1.0)
+
+
 class MonitoringConfig(Section):
     """Reference profiles, drift windows, checks and alerts (:mod:`monitoring`)."""
 
@@ -829,6 +849,7 @@ class MonitoringConfig(Section):
         default_factory=lambda: {"auc": 0.01, "logloss": 0.01, "ece": 0.01}
     )
     sketches: SketchCheckConfig = SketchCheckConfig()
+    embeddings: EmbeddingCheckConfig = EmbeddingCheckConfig()
     alerts: AlertConfig = AlertConfig()
     # `rayrec monitor ui` (the Evidently workspace): not 8000 (Serve's default).
     ui_port: int = Field(default=8700, ge=1, le=65535)

@@ -15,13 +15,31 @@ search over the index's own vectors, for a sample of the window's queries
 (the users' vectors): a drift of the query distribution away from what an
 approximate index was tuned on shows as a recall drop. The pipeline runs the
 searches; monitoring compares ids (it never imports models).
+
+**The reference** (:class:`EmbeddingReference`): the user and item vectors of
+a sample of the reference profile's rows and the day-to-day noise of each,
+saved in the profile folder beside ``reference.json``::
+
+    folder/embeddings.npz    user (u, d), item (i, d) float32
+    folder/embeddings.json   rows, dim, noise per side, the model that made them;
+                             written last (a folder without it has no embeddings)
 """
 
 from __future__ import annotations
 
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
+from infra.storage import StoragePath
 from monitoring.verdict import Verdict, above, not_judged
+
+EMBEDDING_DATA = "embeddings.npz"
+EMBEDDING_META = "embeddings.json"
+SIDES = ("user", "item")
 
 EMBEDDING_TEST = "classifier_auc"
 RECALL_TEST = "recall_vs_exact"
@@ -124,3 +142,64 @@ def ann_health(found: np.ndarray, exact: np.ndarray, min_recall: float) -> Verdi
         note=f"recall@{k} {recall:.3f} against exact search",
         details={"k": k, "queries": int(judged.sum())},
     )
+
+
+@dataclass(frozen=True)
+class EmbeddingReference:
+    """``vectors`` ``{"user": (u, d), "item": (i, d)}`` float32 of the reference period's
+    active users and shown items; ``noise`` ``{side: statistic or None}``
+    (:func:`day_noise`); ``model`` ``{step: version}`` of the two-tower that made them."""
+
+    vectors: dict[str, np.ndarray]
+    noise: dict[str, float | None]
+    model: dict[str, str]
+
+    def __post_init__(self) -> None:
+        if set(self.vectors) != set(SIDES):
+            raise ValueError(
+                f"embedding reference needs {SIDES} vectors, got {sorted(self.vectors)}"
+            )
+        shapes = {side: v.shape for side, v in self.vectors.items()}
+        if (
+            any(len(shape) != 2 for shape in shapes.values())
+            or len({shape[1] for shape in shapes.values()}) != 1
+        ):
+            raise ValueError(f"user and item vectors must be (n, d) of one d, got {shapes}")
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {side: int(v.shape[0]) for side, v in self.vectors.items()}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors["user"].shape[1])
+
+    def save(self, folder: StoragePath) -> None:
+        """``embeddings.npz`` then ``embeddings.json``, each atomically."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{side: self.vectors[side].astype(np.float32) for side in SIDES})
+        folder.join(EMBEDDING_DATA).write_bytes_atomic(buffer.getvalue())
+        meta: dict[str, Any] = {
+            "rows": self.rows,
+            "dim": self.dim,
+            "noise": self.noise,
+            "model": self.model,
+        }
+        folder.join(EMBEDDING_META).write_text_atomic(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: StoragePath) -> EmbeddingReference | None:
+        """The reference saved in ``folder``; None when none was saved."""
+        meta_path = folder.join(EMBEDDING_META)
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        with np.load(io.BytesIO(folder.join(EMBEDDING_DATA).read_bytes())) as data:
+            vectors = {side: np.asarray(data[side]) for side in SIDES}
+        reference = cls(vectors, dict(meta["noise"]), dict(meta["model"]))
+        if reference.rows != meta["rows"] or reference.dim != meta["dim"]:
+            raise ValueError(
+                f"{folder.join(EMBEDDING_DATA).uri} holds {reference.rows} x {reference.dim} "
+                f"vectors, {EMBEDDING_META} says {meta['rows']} x {meta['dim']}"
+            )
+        return reference

@@ -90,6 +90,7 @@ from monitoring.alerts import (
 from monitoring.columns import sample_rows
 from monitoring.concept import ConceptResult, concept_drift
 from monitoring.drift import DriftResult, data_drift, day_noise, prediction_drift
+from monitoring.embeddings import EMBEDDING_TEST, RECALL_TEST, EmbeddingReference
 from monitoring.reference import ReferenceProfile
 from monitoring.sketch_checks import (
     HEAD_TEST,
@@ -101,6 +102,7 @@ from monitoring.sketch_checks import (
 )
 from monitoring.verdict import Verdict, not_judged
 from monitoring.workspace import add_reports, workspace_path
+from pipelines.embedding_checks import embedding_checks
 from pipelines.ranker.retrieval_feature import with_retrieval_score
 from pipelines.runner import published, step_output
 from serving.encoding import RETRIEVAL_SCORE, encode_examples
@@ -395,6 +397,25 @@ def sketch_checks(
     return checks
 
 
+SKETCH_GROUP = "sketch"
+EMBEDDING_GROUP = "embedding"
+
+
+def _group(verdict: Verdict) -> str:
+    """The check group a single-statistic verdict belongs to (rows, metrics, report file)."""
+    return EMBEDDING_GROUP if verdict.test in (EMBEDDING_TEST, RECALL_TEST) else SKETCH_GROUP
+
+
+def published_reference(config: RayrecConfig) -> StoragePath:
+    """The published reference profile step's folder (see :func:`load_reference`)."""
+    current = published(config, REFERENCE_STEP)
+    if current is None:
+        raise MonitoringError(
+            f"no reference profile (never published): run `rayrec run --until {REFERENCE_STEP}`"
+        )
+    return current.path
+
+
 def load_reference(
     config: RayrecConfig,
 ) -> tuple[ReferenceProfile, dict[str, Any], pl.DataFrame | None]:
@@ -469,6 +490,7 @@ def run_monitoring(
     settings = config.monitoring
     days = window_days or settings.window_days
     profile, meta, reference_sketches = load_reference(config)
+    reference_vectors = EmbeddingReference.load(published_reference(config).join(PROFILE_FOLDER))
     features = published(config, "features")
     if features is None:
         raise MonitoringError("no features published: run `rayrec run --until features`")
@@ -491,6 +513,7 @@ def run_monitoring(
     results: dict[str, DriftResult] = {}
     concept: ConceptResult | None = None
     served_note = ""
+    vectors: list[Verdict] = []
     if rows.height == 0:
         record.reason = "no examples in the window"
     else:
@@ -498,9 +521,12 @@ def run_monitoring(
         current = scorer.score(sample_rows(rows, settings.max_window_rows, [seed, 0]))
         record.rows["used"] = current.height
         results, concept = judge_window(profile, current, settings, seed)
+        if settings.embeddings.enabled:
+            vectors = embedding_checks(config, reference_vectors, rows, seed)
     sketches = (
         sketch_checks(config, window, reference_sketches) if settings.sketches.enabled else []
     )
+    sketches += vectors
     served = served_scores(config, window.start, window.end)
     record.rows["served"] = served.height
     if served.height:
@@ -533,10 +559,12 @@ def run_monitoring(
             staging.join("concept_drift.json").write_text_atomic(
                 json.dumps(concept.to_dict(), indent=2)
             )
-        if sketches:
-            staging.join("sketch_checks.json").write_text_atomic(
-                json.dumps([c.to_dict() for c in sketches], indent=2, default=str)
-            )
+        for group in (SKETCH_GROUP, EMBEDDING_GROUP):
+            judged = [c.to_dict() for c in sketches if _group(c) == group]
+            if judged:
+                staging.join(f"{group}_checks.json").write_text_atomic(
+                    json.dumps(judged, indent=2, default=str)
+                )
         staging.join(SUMMARY_FILE).write_text_atomic(json.dumps(record.to_dict(), indent=2))
         report = output.publish(staging, {"window": record.key, "findings": record.findings})
     record.reports = report.path.uri
@@ -607,7 +635,7 @@ def _checks(
     for sketch in sketches:
         rows.append(
             {
-                "check": "sketch",
+                "check": _group(sketch),
                 "column": sketch.check,
                 "test": sketch.test,
                 "statistic": sketch.statistic,
@@ -662,13 +690,28 @@ def _checks(
     return rows
 
 
-def _sketch_finding(window: Window, sketch: Verdict) -> Finding:
+def _verdict_finding(window: Window, sketch: Verdict) -> Finding:
     d = sketch.details
     assert sketch.statistic is not None and sketch.threshold is not None
     if sketch.check == "dau":
         title = f"Daily active users moved {d['change']:+.0%} against their trend"
         reference = f"median {d['trend_median']:,.0f} over {len(d['trend_days'])} days"
         current = f"{d['current']:,.0f}"
+    elif sketch.test == EMBEDDING_TEST:
+        side = sketch.check.removesuffix("_embedding")
+        title = f"The {side} embeddings drifted: {sketch.note}"
+        healthy = (
+            f"; healthy days up to {0.5 + max(sketch.baseline):.3f}" if sketch.baseline else ""
+        )
+        reference = f"AUC 0.5 (indistinguishable){healthy}"
+        current = f"AUC {d['auc']:.3f} on {d['rows'][1]:,} window vectors"
+    elif sketch.test == RECALL_TEST:
+        title = f"The live index lost recall: {sketch.note}"
+        built = d.get("build_recall")
+        reference = f"{d['kind']} over {d['items']:,} items" + (
+            f", recall {built:.3f} at build (item queries)" if built is not None else ""
+        )
+        current = f"recall@{d['k']} {sketch.statistic:.3f} on {d['queries']} user queries"
     else:
         title = (
             f"The popularity head changed: {len(d['new_in_head'])} new items in the top {d['k']}"
@@ -750,7 +793,7 @@ def _findings(
                     features=_feature_drifts(result),
                 )
             )
-    findings += [_sketch_finding(window, c) for c in sketches if c.drifted]
+    findings += [_verdict_finding(window, c) for c in sketches if c.drifted]
     if concept is not None:
         for metric in concept.metrics:
             if metric.worse:
@@ -802,7 +845,7 @@ def _track(
             metrics[f"concept_drift.{metric.metric}_drifted"] = float(metric.drifted)
     for sketch in sketches:
         if sketch.statistic is not None:
-            metrics[f"sketch.{sketch.check}"] = sketch.statistic
+            metrics[f"{_group(sketch)}.{sketch.check}"] = sketch.statistic
         if sketch.check == "dau" and "current" in sketch.details:
             metrics["sketch.dau_estimate"] = float(sketch.details["current"])
     nested = mlflow.active_run() is not None
@@ -875,30 +918,39 @@ def reference_from_examples(
     noise: dict[str, float] = {}
     if drift is not None and "ts" in scored.columns:
         days = scored
-        if history is not None and profile.features:
-            warm = _warm_days(history, profile, scorer.spec, scored, reference_days)
-            count = warm.select(pl.col("ts").dt.date().n_unique()).item()
-            if count >= 3:
-                days = scorer.score(sample_rows(warm, drift.noise_rows * count, seed))
+        if history is not None:
+            warm = noise_days(history, profile, scorer.spec, frame, reference_days, drift, seed)
+            if warm is not None:
+                days = scorer.score(warm)
         noise = day_noise(
             days, days.get_column("ts"), profile.columns, drift, drift.noise_rows, seed
         )
     return replace(profile, source_rows=frame.height, noise=noise)
 
 
-def _warm_days(
+def noise_days(
     history: pl.DataFrame,
     profile: ReferenceProfile,
     spec: FeatureSpec,
-    scored: pl.DataFrame,
+    reference: pl.DataFrame,
     days: int | None,
-) -> pl.DataFrame:
-    """``history`` from the first day where every judged windowed count had filled up to
-    the end of the scored reference rows, its last ``days`` days."""
+    drift: DriftTestConfig,
+    seed: int,
+) -> pl.DataFrame | None:
+    """The rows the day-to-day noise is measured on: ``drift.noise_rows`` a day (seeded) of
+    ``history`` from the first day where every judged windowed count had filled up
+    to the end of the ``reference`` rows, its last ``days`` days. None with fewer
+    than 3 such days or no judged feature (the reference rows' own days then)."""
+    if not profile.features:
+        return None
     log_start = _midnight(history.select(pl.col("ts").min()).item())
     warmup = max((spec[name].warmup_days or 0) for name in profile.features)
-    end = scored.select(pl.col("ts").max()).item()
+    end = reference.select(pl.col("ts").max()).item()
     warm = history.filter((pl.col("ts") >= log_start + warmup * DAY) & (pl.col("ts") <= end))
     if warm.height == 0:
-        return warm
-    return reference_period(warm, log_start, days)[0]
+        return None
+    warm = reference_period(warm, log_start, days)[0]
+    count = warm.select(pl.col("ts").dt.date().n_unique()).item()
+    if count < 3:
+        return None
+    return sample_rows(warm, drift.noise_rows * count, seed)

@@ -22,6 +22,8 @@ rows, show what that costs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 import torch
@@ -48,15 +50,26 @@ def retrieval_score_problem(config: RayrecConfig) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class RowVectors:
+    """The two-tower's vectors of example rows: ``user`` and ``item`` (M, D) float32 for the
+    rows ``known`` (N,) bool marks (ids the model saw), in row order."""
+
+    user: np.ndarray
+    item: np.ndarray
+    known: np.ndarray
+
+
 @torch.no_grad()
-def retrieval_scores(
+def row_vectors(
     model: TwoTowerModel, frame: pl.DataFrame, history_length: int, chunk: int = 65_536
-) -> np.ndarray:
-    """(N,) float64 inner products of each row's user and item vectors; NaN for unknown ids.
+) -> RowVectors:
+    """The user vector (id + point-in-time history) and item vector of each row of ``frame``.
 
     ``frame`` needs ``user_id``, ``item_id`` and ``user_history`` (``list[i64]``,
-    may be null). Ids at or past the model's ``n_users`` / ``n_items`` (entities
-    newer than the model) get NaN; history ids past ``n_items`` are dropped.
+    may be null). Rows with ids at or past the model's ``n_users`` / ``n_items``
+    (entities newer than the model) are left out (``known`` False); history ids
+    past ``n_items`` are dropped.
     """
     model.eval()
     n_users, n_items = model.config.n_users, model.config.n_items
@@ -70,15 +83,27 @@ def retrieval_scores(
     )
     history[history > n_items] = PAD
     known = (users >= 0) & (users < n_users) & (items >= 0) & (items < n_items)
-    scores = np.full(frame.height, np.nan)
     index = np.flatnonzero(known)
+    dim = model.config.embedding_dim
+    user_out = np.zeros((index.size, dim), np.float32)
+    item_out = np.zeros((index.size, dim), np.float32)
     for start in range(0, index.size, chunk):
         rows = index[start : start + chunk]
-        user_vectors = model.user_tower(
+        at = slice(start, start + rows.size)
+        user_out[at] = model.user_tower(
             torch.from_numpy(users[rows]), torch.from_numpy(history[rows])
-        )
-        item_vectors = model.item_tower(torch.from_numpy(items[rows]))
-        scores[rows] = (user_vectors * item_vectors).sum(dim=1).double().numpy()
+        ).numpy()
+        item_out[at] = model.item_tower(torch.from_numpy(items[rows])).numpy()
+    return RowVectors(user_out, item_out, known)
+
+
+def retrieval_scores(model: TwoTowerModel, frame: pl.DataFrame, history_length: int) -> np.ndarray:
+    """(N,) float64 inner products of each row's user and item vectors (:func:`row_vectors`);
+    NaN for unknown ids."""
+    vectors = row_vectors(model, frame, history_length)
+    scores = np.full(frame.height, np.nan)
+    # float32 products, as the index (Faiss inner product) computes them.
+    scores[vectors.known] = (vectors.user * vectors.item).sum(axis=1, dtype=np.float32)
     return scores
 
 

@@ -29,7 +29,9 @@ import polars as pl
 
 from features.dataset import read_examples
 from infra.errors import StepFailedError
+from monitoring.columns import sample_rows
 from monitoring.sketch_checks import day_sketches, save_sketches
+from pipelines.embedding_checks import reference_embeddings
 from pipelines.monitor import (
     PROFILE_FOLDER,
     REFERENCE_META,
@@ -37,6 +39,7 @@ from pipelines.monitor import (
     SUMMARY_FILE,
     events_between,
     load_scorer,
+    noise_days,
     reference_from_examples,
     reference_period,
     run_monitoring,
@@ -96,6 +99,26 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
         reference_days=monitoring.reference_days,
     )
     profile.save(ctx.output.join(PROFILE_FOLDER))
+    embeddings = None
+    if monitoring.embeddings.enabled:
+        days = None
+        if "ts" in held_out.columns:
+            days = noise_days(
+                frame,
+                profile,
+                scorer.spec,
+                held_out,
+                monitoring.reference_days,
+                monitoring.drift,
+                settings.seed,
+            )
+            if days is None:  # too few warm days: the reference's own days, when 3 or more
+                days = sample_rows(held_out, monitoring.embeddings.rows * 4, settings.seed)
+        embeddings = reference_embeddings(
+            held_out, days, ctx.inputs.get("train_retrieval"), ctx.config, settings.seed
+        )
+        if embeddings is not None:
+            embeddings.save(ctx.output.join(PROFILE_FOLDER))
     period = None
     sketch_days = 0
     if "ts" in held_out.columns:
@@ -122,6 +145,9 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
         "features": list(profile.features),
         "labels": list(profile.labels),
         "score_mean": float(profile.frame.get_column("score").mean() or 0.0),
+        "embeddings": None
+        if embeddings is None
+        else {"rows": embeddings.rows, "noise": embeddings.noise, "model": embeddings.model},
     }
     ctx.output.join(REFERENCE_META).write_text_atomic(json.dumps(meta, indent=2))
     return StepResult(
@@ -178,6 +204,7 @@ REFERENCE_PROFILE = Step(
         "monitoring.reference_days",
         "monitoring.window_days",
         "monitoring.drift",
+        "monitoring.embeddings",
         "features.sketches",
         "models.ranker",
         "features.history_length",
@@ -187,9 +214,12 @@ REFERENCE_PROFILE = Step(
         "monitoring.columns",
         "monitoring.drift",
         "monitoring.sketch_checks",
+        "monitoring.embeddings",
         "monitoring.verdict",
         "features.feature_spec",
         "pipelines.monitor",
+        "pipelines.embedding_checks",
+        "pipelines.ranker.retrieval_feature",
         "pipelines.steps.monitoring",
         "serving.encoding",
         "serving.scoring",
@@ -200,7 +230,13 @@ MONITOR_STEP = Step(
     name="monitor",
     run=run_monitor,
     description="drift of the newest window against the reference; reports, alert e-mail",
-    inputs=("reference_profile", "validate", "features"),
-    config_keys=("monitoring", "features.sketches"),
-    code=("monitoring", "pipelines.monitor", "pipelines.steps.monitoring"),
+    inputs=("reference_profile", "validate", "features", "train_retrieval", "index"),
+    config_keys=("monitoring", "features.sketches", "serving.candidates", "models.index"),
+    code=(
+        "monitoring",
+        "pipelines.monitor",
+        "pipelines.embedding_checks",
+        "pipelines.ranker.retrieval_feature",
+        "pipelines.steps.monitoring",
+    ),
 )

@@ -22,6 +22,7 @@ import polars as pl
 import pytest
 
 from infra.config import RayrecConfig, load_config
+from monitoring.embeddings import EmbeddingReference
 from monitoring.reference import ReferenceProfile
 from pipelines.cli import main
 from pipelines.main import MAIN
@@ -37,6 +38,8 @@ from pipelines.runner import published, run_pipeline
 
 STATIONARY = ("item_price", "item_quality", "item_category", "user_device")
 SHIFTED = "item_price"
+# ANN checks ask for 20 of the 200 items (the default 200 candidates is the whole catalogue).
+SMALL_K = ("serving.candidates=20", "serving.max_k=20")
 
 
 def _config(workdir: Path, *sets: str) -> RayrecConfig:
@@ -98,6 +101,19 @@ def _shift_last_day(config: RayrecConfig, column: str, factor: float) -> dt.date
     return dt.date.fromisoformat(newest.name.removeprefix("date="))
 
 
+def _keep_last_day_categories(config: RayrecConfig, keep: int) -> dt.date:
+    """Keep only the newest day's example rows of its ``keep`` smallest item categories,
+    in place: the catalogue shown narrowed (a broken candidate filter)."""
+    examples = published(config, "features").path.local_path() / "examples"
+    newest = sorted(examples.glob("date=*"))[-1]
+    parts = list(newest.glob("*.parquet"))
+    categories = sorted(pl.concat([pl.read_parquet(p) for p in parts])["item_category"].unique())
+    for part in parts:
+        frame = pl.read_parquet(part)
+        frame.filter(pl.col("item_category").is_in(categories[:keep])).write_parquet(part)
+    return dt.date.fromisoformat(newest.name.removeprefix("date="))
+
+
 def test_reference_profile_has_the_spec_columns_score_and_label(prepared: Path) -> None:
     config = _config(prepared)
     current = published(config, "reference_profile")
@@ -132,6 +148,20 @@ def test_reference_profile_has_the_spec_columns_score_and_label(prepared: Path) 
     assert start.date() == dt.date(2026, 1, 5) and meta["log_age_days"] == 4.0
     # Its day's sketches are the popularity head's baseline.
     assert meta["sketch_days"] == 1
+    # The two-tower's user and item vectors of the reference rows, by the version
+    # that scored them, with the day-to-day noise of the warm history days.
+    vectors = EmbeddingReference.load(current.path.join(PROFILE_FOLDER))
+    assert vectors is not None
+    # Items as shown (one per row), users once per request (a slate of 5).
+    assert vectors.rows["item"] == min(config.monitoring.embeddings.rows, meta["held_out_rows"])
+    assert vectors.rows["user"] == vectors.rows["item"] // config.simulator.slate_size
+    assert vectors.dim == config.models.retrieval.embedding_dim
+    assert vectors.model == {"train_retrieval": meta["scored_with"]["train_retrieval"]}
+    assert meta["embeddings"]["rows"] == vectors.rows
+    assert set(vectors.noise) == {"user", "item"}
+    assert all(0.0 <= n < 0.5 for n in vectors.noise.values() if n is not None)
+    norms = np.linalg.norm(vectors.vectors["user"], axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-4)
 
 
 def test_clean_window_writes_reports_and_summary_and_sends_no_email(
@@ -173,6 +203,15 @@ def test_clean_window_writes_reports_and_summary_and_sends_no_email(
     assert set(sketches) == {"dau", "popularity_head"}
     assert sketches["dau"]["judged"] and not sketches["dau"]["drifted"]
     assert (folder / "sketch_checks.json").exists()
+    # The window is the reference's own day: its vectors are indistinguishable; the
+    # tiny catalogue's index is exact search, its own oracle.
+    vectors = {c["column"]: c for c in summary["checks"] if c["check"] == "embedding"}
+    assert set(vectors) == {"user_embedding", "item_embedding", "ann_recall"}
+    for side in ("user_embedding", "item_embedding"):
+        assert vectors[side]["judged"] and not vectors[side]["drifted"], vectors[side]
+        assert vectors[side]["statistic"] < vectors[side]["threshold"]
+    assert not vectors["ann_recall"]["judged"] and "exact" in vectors["ann_recall"]["note"]
+    assert (folder / "embedding_checks.json").exists()
     # Each day's sketches are built once: the window's day and its trend days.
     cached = sorted((workdir / "monitoring" / "sketch_cache").glob("*.parquet"))
     assert [p.stem for p in cached] == [f"2026-01-0{d}" for d in range(1, 6)]
@@ -339,3 +378,54 @@ def test_monitor_ui_serves_the_workspace_of_monitor_runs(
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_a_narrowed_catalogue_drifts_the_item_embeddings_and_names_them_in_the_email(
+    workdir: Path, smtp: tuple[int, Any]
+) -> None:
+    port, inbox = smtp
+    config = _config(workdir, *_alert_sets(port))
+    day = _keep_last_day_categories(config, keep=2)
+    record = run_monitoring(config, window_end=day + dt.timedelta(days=1), track=False)
+    vectors = {c["column"]: c for c in record.checks if c["check"] == "embedding"}
+    item = vectors["item_embedding"]
+    assert item["judged"] and item["drifted"] and item["statistic"] > 2 * item["threshold"], item
+    assert "item_embedding" in record.findings
+    assert len(inbox.envelopes) == 1
+    body = inbox.messages[0].get_body(("plain",)).get_content()
+    assert "item_embedding" in body and "classifier_auc" in body
+
+
+def test_ann_recall_is_judged_on_the_live_index_and_alerts_when_it_degrades(
+    workdir: Path, smtp: tuple[int, Any]
+) -> None:
+    port, inbox = smtp
+    # HNSW over 200 items: the window's users find what exact search finds.
+    healthy = _config(workdir, *_alert_sets(port), "models.index.kind=hnsw", *SMALL_K)
+    run_pipeline(MAIN, healthy, until="index", track=False)
+    record = run_monitoring(healthy, track=False)
+    ann = next(c for c in record.checks if c["column"] == "ann_recall")
+    assert ann["judged"] and not ann["drifted"] and ann["statistic"] >= 0.95, ann
+    assert ann["threshold"] == healthy.monitoring.embeddings.ann_min_recall
+    assert "ann_recall" not in record.findings
+
+    # IVF probing 1 of 5 lists misses a good part of the exact top 20 (0.65 here).
+    broken = _config(
+        workdir,
+        *_alert_sets(port),
+        "models.index.kind=ivf",
+        "models.index.ivf_nlist=5",
+        "models.index.ivf_nprobe=1",
+        "models.index.refine_factor=1",
+        *SMALL_K,
+    )
+    run_pipeline(MAIN, broken, until="index", track=False)
+    record = run_monitoring(broken, track=False)
+    ann = next(c for c in record.checks if c["column"] == "ann_recall")
+    assert ann["judged"] and ann["drifted"] and ann["statistic"] < 0.8, ann
+    summary = json.loads((Path(record.reports) / "embedding_checks.json").read_text())
+    detail = next(c for c in summary if c["check"] == "ann_recall")
+    assert detail["kind"] == "ivf" and detail["k"] == 20 and detail["items"] == 200
+    assert "ann_recall" in record.findings
+    body = inbox.messages[-1].get_body(("plain",)).get_content()
+    assert "ann_recall" in body and "recall_vs_exact" in body

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from monitoring.embeddings import ann_health, day_noise, embedding_drift
+import numpy as np
+import pytest
+
+from infra.storage import StoragePath
+from monitoring.embeddings import EmbeddingReference, ann_health, day_noise, embedding_drift
 
 
 def _vectors(n: int, shift: float, rng: np.random.Generator, d: int = 16) -> np.ndarray:
@@ -49,3 +53,23 @@ def test_ann_health_is_the_recall_of_found_ids_against_exact_ones() -> None:
     low = ann_health(found, exact, min_recall=0.9)
     assert low.statistic == 0.75 and low.drifted
     assert not ann_health(np.zeros((0, 4), int), np.zeros((0, 4), int), 0.9).judged
+
+
+def test_embedding_reference_round_trips_and_refuses_mismatches(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    vectors = {"user": _vectors(300, 0.0, rng, d=8), "item": _vectors(300, 0.0, rng, d=8)}
+    folder = StoragePath.from_uri(str(tmp_path))
+    assert EmbeddingReference.load(folder) is None
+    reference = EmbeddingReference(vectors, {"user": 0.02, "item": None}, {"train_retrieval": "v1"})
+    reference.save(folder)
+    loaded = EmbeddingReference.load(folder)
+    assert loaded is not None and loaded.rows == {"user": 300, "item": 300} and loaded.dim == 8
+    assert np.array_equal(loaded.vectors["item"], vectors["item"])
+    assert loaded.noise == {"user": 0.02, "item": None}
+    assert loaded.model == {"train_retrieval": "v1"}
+    fewer = EmbeddingReference({"user": vectors["user"][:10], "item": vectors["item"]}, {}, {})
+    assert fewer.rows == {"user": 10, "item": 300}
+    with pytest.raises(ValueError, match="one d"):
+        EmbeddingReference({"user": vectors["user"], "item": vectors["item"][:, :4]}, {}, {})
+    with pytest.raises(ValueError, match="needs"):
+        EmbeddingReference({"user": vectors["user"]}, {}, {})
