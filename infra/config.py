@@ -863,6 +863,43 @@ class PipelineConfig(Section):
     lock_timeout_s: float = Field(default=0.0, ge=0.0)
 
 
+class ScheduledJob(Section):
+    """One scheduled pipeline run: a ``rayrec`` command line on a cron schedule."""
+
+    # The arguments after `rayrec` (the preset and --set overrides of the
+    # scheduler's own config are added), e.g. ["run", "--until", "materialize"].
+    command: list[str] = Field(min_length=1)
+    # Five-field crontab (minute hour day-of-month month day-of-week) in schedule.timezone.
+    cron: str
+    enabled: bool = True
+
+
+def _default_jobs() -> dict[str, ScheduledJob]:
+    return {
+        # Nightly: new events through validation into features and the online store.
+        "features": ScheduledJob(command=["run", "--until", "materialize"], cron="0 2 * * *"),
+        # Weekly: the whole main job (retrain, evaluate with gates, register, monitor).
+        "retrain": ScheduledJob(command=["run"], cron="0 3 * * 0"),
+        # Other nights: LoRA fine-tune of the reranker on the newest days.
+        "finetune": ScheduledJob(command=["finetune", "ranker"], cron="0 4 * * 1-6"),
+        # Hourly: drift of the newest window against the reference.
+        "monitor": ScheduledJob(command=["monitor", "run"], cron="15 * * * *"),
+    }
+
+
+class ScheduleConfig(Section):
+    """`rayrec schedule` (APScheduler, in process) and the cluster's CronJobs (infra/deploy)."""
+
+    timezone: str = "UTC"
+    jobs: dict[str, ScheduledJob] = Field(default_factory=_default_jobs)
+    # Ray Jobs API the runs are submitted to (the dashboard, e.g. http://head:8265);
+    # None: RAY_ADDRESS, else a local Ray the scheduler starts.
+    jobs_address: str | None = None
+    # A slot missed while the scheduler was down runs once when it is back, if it
+    # is at most this old; the slots before it are not run (one catch-up).
+    misfire_grace_s: int = Field(default=6 * 3600, ge=1)
+
+
 class RayrecConfig(Section):
     """The fully resolved configuration of one run."""
 
@@ -878,6 +915,7 @@ class RayrecConfig(Section):
     serving: ServingConfig = ServingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
     def _check_popularity_window(self) -> RayrecConfig:
