@@ -235,6 +235,10 @@ class ValidationConfig(Section):
 
 class DataConfig(Section):
     source: SourceConfig = SimulatorSourceConfig()
+    # Also ingest serving's event log (serving.event_log): the events the live API
+    # took in (POST /v1/events) join the source's, so a retrain learns from what
+    # was served. Off by default: `make run` stays a function of its source.
+    include_event_log: bool = False
     validation: ValidationConfig = ValidationConfig()
 
 
