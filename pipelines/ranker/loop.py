@@ -442,7 +442,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trained: nn.Module = model
     if world > 1:
         # Sparse embedding gradients all-reduce over gloo on CPU; GPUs use dense ones.
-        trained = ray.train.torch.prepare_model(model, move_to_device=False)
+        # A MoE's top-k routing can leave an expert without tokens on one rank for a
+        # batch: DDP must then look for parameters without gradients (it fails
+        # otherwise, "did not receive grad for rank 1", found by the two-node test).
+        trained = ray.train.torch.prepare_model(
+            model,
+            move_to_device=False,
+            parallel_strategy_kwargs={"find_unused_parameters": settings.kind == "moe"},
+        )
     n = len(data.train)
     marker = loop_config.get("crash_marker")
 
