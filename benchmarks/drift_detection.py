@@ -162,6 +162,17 @@ def monitor_world(
                     for c in record.checks
                     if c["drifted"]
                 ],
+                # The vector checks' numbers on every window (drifted or not): how far
+                # the healthy days sit below their thresholds.
+                "embedding": {
+                    c["column"]: {
+                        "statistic": c["statistic"],
+                        "threshold": c["threshold"],
+                        "judged": c["judged"],
+                    }
+                    for c in record.checks
+                    if c["check"] == "embedding"
+                },
                 "seconds": round(record.seconds, 2),
             }
         )

@@ -36,10 +36,13 @@ from infra.runinfo import code_version, source_hash
 from infra.storage import StoragePath
 from infra.tracking import setup_mlflow
 from pipelines.dag import Pipeline
+from pipelines.run_summary import run_summary, summary_markdown
 from pipelines.step import Step, StepContext
 
 log = get_logger(__name__)
 Status = Literal["ran", "skipped", "failed", "not run"]
+# Run summaries (pipelines.run_summary) beside the run records, in their own folder.
+SUMMARIES = "summaries"
 
 
 @dataclass
@@ -169,6 +172,7 @@ def _run_step(
     ):
         entry.status, entry.version = "skipped", current.version
         entry.row_counts = dict(current.manifest.get("row_counts", {}))
+        entry.metrics = dict(current.manifest.get("metrics", {}))
         log.info("step.skipped", step=step.name, version=current.version)
         _track_step(track, entry, None)
         return
@@ -248,6 +252,12 @@ def _tracking(
         finally:
             # The run record is written after the body; log it from the same place.
             mlflow.log_dict(_record_dict(record), "run_record.json")
+            summary = run_summary(record, _links(config, workdir, record, run))
+            mlflow.log_dict(summary, "summary.json")
+            mlflow.log_text(summary_markdown(summary), "summary.md")
+            mlflow.log_metric("total_s", summary["total_s"])
+            for row in summary["quality"]:
+                mlflow.log_metric(row["key"], row["value"])
             mlflow.log_metric("steps_ran", sum(s.status == "ran" for s in record.steps))
             mlflow.log_metric("steps_skipped", sum(s.status == "skipped" for s in record.steps))
             if record.status == "failed":
@@ -256,6 +266,26 @@ def _tracking(
                     "rayrec.failed_step",
                     next((s.name for s in record.steps if s.status == "failed"), ""),
                 )
+
+
+def _links(
+    config: RayrecConfig, workdir: StoragePath, record: RunRecord, run: mlflow.ActiveRun
+) -> dict[str, str]:
+    """Where a reader finds the run: its MLflow run (a UI address for a tracking server),
+    the workdir, the run record."""
+    uri = mlflow.get_tracking_uri()
+    experiment, run_id = run.info.experiment_id, run.info.run_id
+    mlflow_link = (
+        f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        if uri.startswith(("http://", "https://"))
+        else f"{uri} (experiment {experiment}, run {run_id}; `mlflow ui --backend-store-uri {uri}`)"
+    )
+    return {
+        "mlflow_run": mlflow_link,
+        "workdir": workdir.uri,
+        "run_record": workdir.join("runs", f"{record.run_id}.json").uri,
+        "experiment": config.mlflow.experiment,
+    }
 
 
 def _track_step(enabled: bool, entry: StepRecord, artifacts: list[StoragePath] | None) -> None:
@@ -323,6 +353,9 @@ def _pipeline_lock(workdir: StoragePath, pipeline: str, timeout_s: float) -> Ite
 def _write_record(workdir: StoragePath, record: RunRecord) -> None:
     workdir.join("runs", f"{record.run_id}.json").write_text_atomic(
         json.dumps(_record_dict(record), indent=2)
+    )
+    workdir.join("runs", SUMMARIES, f"{record.run_id}.json").write_text_atomic(
+        json.dumps(run_summary(record), indent=2)
     )
 
 

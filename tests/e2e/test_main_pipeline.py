@@ -48,6 +48,23 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
     )
+    # The parent's final summary: headline quality, every step's time, links.
+    final = json.loads(
+        Path(client.download_artifacts(run_id, "summary.json", str(workdir / "dl"))).read_text()
+    )
+    assert final["status"] == "succeeded" and final["run"] == list_runs(config)[0]["run_id"]
+    assert [s["step"] for s in final["steps"]] == [c["name"] for c in list_runs(config)[0]["steps"]]
+    quality = {q["key"]: q["value"] for q in final["quality"]}
+    assert {"retrieval_recall_at_10", "ranker_test_auc", "two_stage_reranked_ndcg_at_10"} <= set(
+        quality
+    )
+    assert quality["ranker_test_auc"] == parent.data.metrics["ranker_test_auc"]
+    assert run_id in final["links"]["mlflow_run"]
+    assert 0 < final["total_s"] == parent.data.metrics["total_s"]
+    assert (
+        "## Quality"
+        in Path(client.download_artifacts(run_id, "summary.md", str(workdir / "dl"))).read_text()
+    )
     summarize_run = next(c for c in children if c.info.run_name == "summarize")
     assert summarize_run.data.metrics["events"] == summary["events"]
     assert {a.path for a in client.list_artifacts(summarize_run.info.run_id)} >= {
@@ -107,6 +124,10 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     capsys.readouterr()
     assert main(args) == 0
     assert {s["status"] for s in list_runs(config)[0]["steps"]} == {"skipped"}
+    # A run that skipped everything still summarises the published steps' quality.
+    rerun = list_runs(config)[0]["run_id"]
+    again = json.loads((workdir / "runs" / "summaries" / f"{rerun}.json").read_text())
+    assert {q["key"] for q in again["quality"]} == set(quality) and again["total_s"] == 0
 
     capsys.readouterr()
     assert main(["evaluate", "retrieval", *args[1:]]) == 0
