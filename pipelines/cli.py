@@ -60,6 +60,15 @@ serve_app = typer.Typer(help="The online recommendation API (Ray Serve).", no_ar
 app.add_typer(serve_app, name="serve")
 monitor_app = typer.Typer(help="Drift monitoring and alert e-mails.", no_args_is_help=True)
 app.add_typer(monitor_app, name="monitor")
+schedule_app = typer.Typer(
+    help="Scheduled runs: cron slots of schedule.jobs submitted as Ray Jobs.",
+    invoke_without_command=True,
+)
+app.add_typer(schedule_app, name="schedule")
+deploy_app = typer.Typer(
+    help="Cluster manifests (KubeRay, CronJobs) rendered from the config.", no_args_is_help=True
+)
+app.add_typer(deploy_app, name="deploy")
 
 out = Console()
 
@@ -184,6 +193,12 @@ def runs(
             record["run_id"], record["status"], record["preset"], record["started_at"][:19], summary
         )
     out.print(table)
+    from pipelines.schedule import ScheduleState
+
+    submissions = ScheduleState(config).history(limit)
+    if submissions:
+        title = "scheduled submissions (as last recorded; `rayrec schedule status` refreshes)"
+        out.print(_submissions_table(submissions, title))
 
 
 @data_app.command("simulate")
@@ -758,6 +773,253 @@ def abtest_simulate(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=2, default=float))
     out.print(f"mlflow run: {run_id or '-'}")
+
+
+@deploy_app.command("render")
+def deploy_render(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    out: Annotated[
+        Path, typer.Option(help="Folder to write (or, with --check, compare) the manifests.")
+    ] = Path("infra/deploy/k8s"),
+    image_repository: Annotated[
+        str, typer.Option(help="Image repository; tags are <version>-cpu and <version>-gpu.")
+    ] = "rayrec",
+    image_tag: Annotated[
+        str | None, typer.Option(help="Image version (default: the installed rayrec's).")
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A pod environment variable, e.g. RAYREC_MLFLOW__TRACKING_URI=http://mlflow.ml:5000 "
+            "(repeatable; added to the defaults in pipelines.deploy.DEFAULT_ENV)."
+        ),
+    ] = None,
+    revision: Annotated[
+        int,
+        typer.Option(
+            help="Serve app revision: bump it to rebuild the app on the current champion."
+        ),
+    ] = 0,
+    check: Annotated[
+        bool, typer.Option(help="Write nothing; exit 1 if the folder differs from the render.")
+    ] = False,
+) -> None:
+    """Render the KubeRay manifests (RayCluster, RayService, RayJob, a CronJob per
+    schedule.jobs entry) for a preset; infra/deploy/k8s holds the default preset's."""
+    from pipelines.deploy import DEFAULT_ENV, DeploySpec, drifted, render, write
+
+    pod_env = dict(DEFAULT_ENV)
+    for item in env or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            typer.echo(f"error: --env expects NAME=VALUE, got {item!r}", err=True)
+            raise typer.Exit(2)
+        pod_env[name] = value
+    spec = DeploySpec(image_repository=image_repository, image_tag=image_tag, env=pod_env)
+    files = render(preset, sets or [], spec, revision)
+    if check:
+        stale = drifted(files, out)
+        if stale:
+            typer.echo(f"error: {out} differs from the render: {', '.join(stale)}", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{out}: up to date ({len(files)} files)")
+        return
+    for path in write(files, out):
+        typer.echo(str(path))
+
+
+@schedule_app.callback()
+def schedule(
+    ctx: typer.Context,
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    once: Annotated[
+        bool, typer.Option(help="Handle the slots due now (the catch-up), then exit.")
+    ] = False,
+    until: Annotated[
+        str | None,
+        typer.Option(help="Stop at this time (ISO 8601; without an offset: schedule.timezone)."),
+    ] = None,
+    max_fires: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many handled slots.")
+    ] = None,
+) -> None:
+    """Run the scheduler in the foreground (Ctrl-C stops it): every cron slot of
+    schedule.jobs becomes a Ray Job `<job>-<logical date>`; no overlapping runs of a job;
+    a slot missed while it was down runs once when it is back (schedule.misfire_grace_s)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import datetime as dt
+    import threading
+    from zoneinfo import ZoneInfo
+
+    from pipelines.schedule import ConfigArgs, Submission, run_scheduler
+
+    config = _config(preset, sets)
+    _check_schedule_commands(config)
+    end = None
+    if until is not None:
+        try:
+            end = dt.datetime.fromisoformat(until)
+        except ValueError:
+            typer.echo(f"error: --until must be ISO 8601, got {until!r}", err=True)
+            raise typer.Exit(2) from None
+        if end.tzinfo is None:
+            end = end.replace(tzinfo=ZoneInfo(config.schedule.timezone))
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+
+    def show(record: Submission) -> None:
+        out.print(
+            f"{record.submission_id}: {record.outcome}"
+            f"{f' ({record.status})' if record.status else ''}"
+            f"{f' - {record.message}' if record.outcome != 'submitted' and record.message else ''}"
+        )
+
+    enabled = [n for n, j in config.schedule.jobs.items() if j.enabled]
+    out.print(f"scheduling {', '.join(enabled) or 'nothing'} ({config.schedule.timezone})")
+    try:
+        handled = run_scheduler(
+            config,
+            ConfigArgs(preset, tuple(sets or ())),
+            once=once,
+            until=end,
+            stop_after=max_fires,
+            stop=stop,
+            on_fire=show,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    out.print(f"{len(handled)} slot(s) handled; history: rayrec schedule status")
+    if any(record.outcome == "failed" for record in handled):
+        raise typer.Exit(1)
+
+
+def _check_schedule_commands(config: RayrecConfig) -> None:
+    """A job's command must start with a rayrec command, or every slot fails on the cluster."""
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for name, job in config.schedule.jobs.items():
+        if job.enabled and job.command[0] not in commands:
+            typer.echo(
+                f"error: schedule.jobs.{name}.command starts with {job.command[0]!r}, "
+                f"not a rayrec command ({', '.join(sorted(commands))})",
+                err=True,
+            )
+            raise typer.Exit(2)
+
+
+def _submissions_table(records: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("job", "logical date", "submission id", "outcome", "status", "fired", "note"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        note = "" if record.outcome == "submitted" else record.message
+        table.add_row(
+            record.job,
+            record.logical_date[:16],
+            record.submission_id,
+            record.outcome + (" (manual)" if record.trigger == "manual" else ""),
+            record.status or "-",
+            record.fired_at[:19],
+            note,
+        )
+    return table
+
+
+@schedule_app.command("status")
+def schedule_status(
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    limit: Annotated[int, typer.Option(help="How many submissions to show.")] = 20,
+    refresh: Annotated[
+        bool, typer.Option(help="Ask the Ray Jobs API for the status of unfinished runs.")
+    ] = True,
+) -> None:
+    """Scheduled submissions of this workdir, newest first, with their Ray Job status."""
+    from pipelines.schedule import ScheduleError, ScheduleState, connect
+    from pipelines.schedule import refresh as refresh_statuses
+
+    config = _config(preset, sets)
+    state = ScheduleState(config)
+    records = state.history(limit)
+    note = "as recorded"
+    if refresh and records:
+        try:
+            client, address = connect(config)
+            records = refresh_statuses(client, state)[:limit]
+            note = f"status from {address}"
+        except ScheduleError as exc:
+            note = f"as recorded ({exc})"
+    for name, job in config.schedule.jobs.items():
+        through = state.handled_through(name)
+        out.print(
+            f"{name}: {job.cron} -> {' '.join(job.command)}"
+            f"{'' if job.enabled else ' (disabled)'}; handled through "
+            f"{through.isoformat()[:16] if through else '-'}"
+        )
+    out.print(
+        _submissions_table(records, f"scheduled submissions in {config.paths.workdir} ({note})")
+    )
+
+
+@schedule_app.command("fire")
+def schedule_fire(
+    job: Annotated[str, typer.Argument(help="A schedule.jobs entry.")],
+    preset: PresetOpt = "default",
+    sets: SetOpt = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            help="Logical date (ISO 8601; without an offset: schedule.timezone); default: now, "
+            "to the minute. The same date again is refused as already submitted."
+        ),
+    ] = None,
+) -> None:
+    """Submit one run of a scheduled job now (a backfill with --at); the schedule's memory
+    of handled slots is not moved."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from pipelines.schedule import ConfigArgs, ScheduleState, connect, fire
+
+    config = _config(preset, sets)
+    if job not in config.schedule.jobs:
+        typer.echo(
+            f"error: no schedule job {job!r} (schedule.jobs: {', '.join(config.schedule.jobs)})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    _check_schedule_commands(config)
+    zone = ZoneInfo(config.schedule.timezone)
+    try:
+        slot = dt.datetime.fromisoformat(at) if at else dt.datetime.now(zone)
+    except ValueError:
+        typer.echo(f"error: --at must be ISO 8601, got {at!r}", err=True)
+        raise typer.Exit(2) from None
+    slot = (slot if slot.tzinfo else slot.replace(tzinfo=zone)).replace(second=0, microsecond=0)
+    client, address = connect(config)
+    record = fire(
+        config,
+        ConfigArgs(preset, tuple(sets or ())),
+        job,
+        slot,
+        client=client,
+        jobs_address=address,
+        state=ScheduleState(config),
+        trigger="manual",
+    )
+    out.print(
+        f"{record.submission_id}: {record.outcome}"
+        f"{f' ({record.status})' if record.status else ''}"
+        f"{f' - {record.message}' if record.outcome != 'submitted' and record.message else ''}"
+    )
+    if record.outcome in ("failed", "skipped_running"):
+        raise typer.Exit(1)
 
 
 @config_app.command("show")
