@@ -16,14 +16,15 @@ cluster cannot drift from it; ``infra/deploy/k8s/`` holds the render of the
 - ``rayjob.yaml``: the main pipeline, once, on a cluster of its own that goes
   away after it (``kubectl create -f``: a fresh name per run).
 - ``cronjobs.yaml``: one Kubernetes CronJob per ``schedule.jobs`` entry, each
-  submitting ``rayrec <command>`` to the batch cluster as a Ray Job.
+  running ``rayrec schedule fire <job>`` for its slot, which submits ``rayrec
+  <command>`` to the batch cluster as a Ray Job (:mod:`pipelines.schedule`).
 
 Why Kubernetes CronJobs and not KubeRay's RayCronJob: RayCronJob is alpha
 (KubeRay >= 1.6, behind a feature gate) and has no concurrency policy,
-starting deadline or time zone, which are exactly ``rayrec schedule``'s rules:
-``concurrencyPolicy: Forbid`` (no overlapping runs of one job),
+starting deadline or time zone, which carry ``rayrec schedule``'s rules:
 ``startingDeadlineSeconds = schedule.misfire_grace_s`` (a missed slot runs
-once, if recent enough) and ``timeZone = schedule.timezone``.
+once, if recent enough), ``timeZone = schedule.timezone``, no overlapping
+pods; ``fire`` adds the rest (ids, the in-flight check, the history).
 
 The pipeline's steps hand each other local folders (and serving reads model
 folders by path), so every pod mounts one ReadWriteMany volume at the same
@@ -445,17 +446,17 @@ def _ray_job(spec: DeploySpec, preset: str, overrides: Sequence[str]) -> dict[st
 
 
 # The CronJob's Job is named <cronjob>-<scheduled time in minutes since the epoch>:
-# the slot gives the Ray Job a deterministic submission id <job>-<UTC time of the
-# slot>, so a second submission for the same slot is refused by Ray. A Job made by
-# hand (`kubectl create job --from=cronjob/...`) is submitted under its own name.
-SUBMIT_SCRIPT = """\
+# that slot becomes `rayrec schedule fire --at`, so the Ray Job gets the in-process
+# scheduler's submission id <job>-<logical date> (a second submission of one slot
+# is refused) and the same overlap check and history. A Job made by hand
+# (`kubectl create job --from=cronjob/...`) fires for the current minute.
+FIRE_SCRIPT = """\
 set -euo pipefail
 slot="${JOB_NAME##*-}"
 case "$slot" in
-  ''|*[!0-9]*) id="$JOB_NAME" ;;
-  *) id="${RAYREC_JOB}-$(date -u -d "@$((slot * 60))" +%Y%m%dT%H%MZ)" ;;
+  ''|*[!0-9]*) exec "$@" ;;
+  *) exec "$@" --at "$(date -u -d "@$((slot * 60))" +%Y-%m-%dT%H:%M:%S+00:00)" ;;
 esac
-exec ray job submit --address "$RAY_JOBS_ADDRESS" --submission-id "$id" -- "$@"
 """
 
 
@@ -467,16 +468,25 @@ def _cron_job(
     preset: str,
     overrides: Sequence[str],
 ) -> dict[str, Any]:
+    """A CronJob whose pod runs ``rayrec schedule fire <name>`` for its slot.
+
+    ``fire`` submits ``rayrec <command> --preset … --set …`` (the scheduler's
+    :func:`pipelines.schedule.job_entrypoint`) to the batch cluster's Jobs API
+    and returns: the run itself is a Ray Job on the cluster, and the slot is
+    skipped (the pod fails, visibly) while an earlier run of the job is in flight.
+    """
     resource = f"{spec.cluster_name}-{_dns_label(name)}"
     # CronJob names are limited to 52 characters (its Jobs add an 11-character suffix).
     if len(resource) > 52:
         raise ConfigError(f"schedule.jobs.{name}: CronJob name {resource!r} is over 52 characters")
     container = {
-        "name": "submit",
+        "name": "fire",
         "image": spec.image(),
         "imagePullPolicy": "IfNotPresent",
-        "command": ["/bin/bash", "-c", _Block(SUBMIT_SCRIPT), "submit"],
-        "args": _command(job.command, preset, overrides),
+        "command": ["/bin/bash", "-c", _Block(FIRE_SCRIPT), "fire"],
+        "args": _command(["schedule", "fire", name], preset, overrides),
+        # The config the cluster's runs read, and the workdir the schedule's history is in.
+        "envFrom": [{"configMapRef": {"name": ENV_CONFIG_MAP}}],
         "env": [
             {
                 "name": "JOB_NAME",
@@ -484,41 +494,56 @@ def _cron_job(
                     "fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}
                 },
             },
-            {"name": "RAYREC_JOB", "value": name},
             {
-                "name": "RAY_JOBS_ADDRESS",
+                "name": "RAYREC_SCHEDULE__JOBS_ADDRESS",
                 "value": config.schedule.jobs_address or spec.jobs_address,
             },
         ],
-        # `ray job submit` only follows the job; the work runs on the cluster.
+        # Submitting is all it does: the work runs on the cluster.
         "resources": {
-            "requests": {"cpu": "100m", "memory": "256Mi"},
-            "limits": {"cpu": "500m", "memory": "512Mi"},
+            "requests": {"cpu": "250m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "1Gi"},
         },
+        "volumeMounts": [{"name": "workdir", "mountPath": spec.workdir}],
     }
+    labels = {**_labels("schedule"), "rayrec/job": name}
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",
-        "metadata": {"name": resource, "labels": {**_labels("schedule"), "rayrec/job": name}},
+        "metadata": {"name": resource, "labels": labels},
         "spec": {
             "schedule": job.cron,
             "timeZone": config.schedule.timezone,
+            # The submitting pods never overlap; fire itself skips a slot while the
+            # job's previous Ray Job still runs.
             "concurrencyPolicy": "Forbid",
+            # A slot missed (controller down) runs once if at most this late: one catch-up.
             "startingDeadlineSeconds": config.schedule.misfire_grace_s,
             "suspend": not job.enabled,
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
             "jobTemplate": {
                 "spec": {
-                    # No retry: a retried submission would reuse the slot's id and be refused;
-                    # the failure shows on the Job and in `ray job list`.
+                    # No retry of a slot: a second fire is refused as already submitted
+                    # anyway, and a skipped slot should show as such.
                     "backoffLimit": 0,
                     "template": {
-                        "metadata": {"labels": {**_labels("schedule"), "rayrec/job": name}},
+                        "metadata": {"labels": labels},
                         "spec": {
                             "restartPolicy": "Never",
-                            "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID},
+                            "securityContext": {
+                                "runAsNonRoot": True,
+                                "runAsUser": RAY_UID,
+                                "runAsGroup": RAY_GID,
+                                "fsGroup": RAY_GID,
+                            },
                             "containers": [container],
+                            "volumes": [
+                                {
+                                    "name": "workdir",
+                                    "persistentVolumeClaim": {"claimName": spec.workdir_claim},
+                                }
+                            ],
                         },
                     },
                 }

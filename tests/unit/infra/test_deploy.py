@@ -89,7 +89,9 @@ def test_render_follows_the_config() -> None:
     assert crons["monitor"]["spec"]["schedule"] == "*/5 * * * *"
     assert crons["retrain"]["spec"]["suspend"] is True
     container = crons["monitor"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["rayrec", "monitor", "run", "--preset", "tiny", "--set", jobs]
+    assert container["args"] == [
+        "rayrec", "schedule", "fire", "monitor", "--preset", "tiny", "--set", jobs
+    ]  # fmt: skip
     serve = yaml.safe_load(yaml.safe_load(files["rayservice.yaml"])["spec"]["serveConfigV2"])
     assert serve["applications"][0]["args"] == {
         "preset": "tiny",
@@ -220,44 +222,68 @@ def test_one_cron_job_per_scheduled_job(
         assert spec["startingDeadlineSeconds"] == schedule.misfire_grace_s
         pod = spec["jobTemplate"]["spec"]["template"]["spec"]
         assert pod["restartPolicy"] == "Never"
-        container = pod["containers"][0]
-        assert container["args"] == ["rayrec", *job.command, "--preset", "default"]
+        (container,) = pod["containers"]
+        assert container["args"] == ["rayrec", "schedule", "fire", name, "--preset", "default"]
         env = {e["name"]: e.get("value") for e in container["env"]}
-        assert env["RAYREC_JOB"] == name
-        assert env["RAY_JOBS_ADDRESS"] == "http://rayrec-head-svc:8265"
+        assert env["RAYREC_SCHEDULE__JOBS_ADDRESS"] == "http://rayrec-head-svc:8265"
+        assert container["envFrom"] == [{"configMapRef": {"name": deploy.ENV_CONFIG_MAP}}]
+        assert container["volumeMounts"] == [
+            {"name": "workdir", "mountPath": cluster_config.paths.workdir}
+        ]
 
 
-def _submit(tmp_path: Path, job_name: str, args: list[str]) -> list[str]:
-    """Run a CronJob's container command with a `ray` that prints its arguments."""
+def test_cron_jobs_run_rayrec_commands(manifests: dict[str, list[dict[str, Any]]]) -> None:
+    """What `rayrec schedule fire` submits from a CronJob's pod: `rayrec <command>`."""
+    from pipelines.schedule import ConfigArgs, job_entrypoint
+
+    for cron in manifests["cronjobs.yaml"]:
+        (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        env = dict(manifests["base.yaml"][0]["data"])
+        env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
+        config = load_config("default", environ=env)
+        job = config.schedule.jobs[container["args"][3]]
+        address = env["RAYREC_SCHEDULE__JOBS_ADDRESS"]
+        entrypoint = job_entrypoint(config, ConfigArgs("default", ()), job, address)
+        assert shlex.split(entrypoint) == [
+            "rayrec", *job.command, "--preset", "default",
+            "--set", "paths.workdir=/home/ray/workdir",
+        ]  # fmt: skip
+
+
+def _fire(tmp_path: Path, job_name: str) -> list[str]:
+    """Run a CronJob's container command with a `rayrec` that prints its arguments."""
     cron = next(yaml.safe_load_all((K8S / "cronjobs.yaml").read_text()))
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
-    (fake / "ray").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
-    (fake / "ray").chmod(0o755)
-    env = {
-        "PATH": f"{fake}:{os.environ['PATH']}",
-        "JOB_NAME": job_name,
-        "RAYREC_JOB": "features",
-        "RAY_JOBS_ADDRESS": "http://rayrec-head-svc:8265",
-    }
+    (fake / "rayrec").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    (fake / "rayrec").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "JOB_NAME": job_name}
     done = subprocess.run(
-        [*container["command"], *args], env=env, capture_output=True, text=True, check=True
+        [*container["command"], *container["args"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return done.stdout.splitlines()
 
 
-def test_submission_id_is_the_slot(tmp_path: Path) -> None:
+def test_cron_slot_becomes_the_logical_date(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from pipelines.schedule import submission_id
+
     # CronJob Jobs are <cronjob>-<scheduled minute since the epoch>: 2026-12-07 02:00 UTC.
     slot = 1_796_608_800 // 60
-    argv = _submit(tmp_path, f"rayrec-features-{slot}", ["rayrec", "run", "--set", "a.b=c d"])
-    assert argv == [
-        "job", "submit", "--address", "http://rayrec-head-svc:8265",
-        "--submission-id", "features-20261207T0200Z",
-        "--", "rayrec", "run", "--set", "a.b=c d",
-    ]  # fmt: skip
-    # A Job made by hand from the CronJob keeps its own name as the id.
-    assert _submit(tmp_path, "manual-run", ["rayrec", "run"])[5] == "manual-run"
+    argv = _fire(tmp_path, f"rayrec-features-{slot}")
+    assert argv[:5] == ["schedule", "fire", "features", "--preset", "default"]
+    assert argv[5] == "--at"
+    at = dt.datetime.fromisoformat(argv[6])
+    assert at == dt.datetime(2026, 12, 7, 2, 0, tzinfo=dt.UTC)
+    assert submission_id("features", at, "UTC") == "features-2026-12-07T0200"
+    # A Job made by hand from the CronJob fires for the current minute.
+    assert _fire(tmp_path, "manual-run") == ["schedule", "fire", "features", "--preset", "default"]
 
 
 # --------------------------------------------------------------------------- Serve
