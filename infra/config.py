@@ -873,9 +873,27 @@ class ScheduledJob(Section):
     # The arguments after `rayrec` (the preset and --set overrides of the
     # scheduler's own config are added), e.g. ["run", "--until", "materialize"].
     command: list[str] = Field(min_length=1)
-    # Five-field crontab (minute hour day-of-month month day-of-week) in schedule.timezone.
+    # Five-field crontab (minute hour day-of-month month day-of-week) in schedule.timezone,
+    # read as cron and Kubernetes CronJobs read it (day-of-week 0 and 7 are Sunday).
     cron: str
     enabled: bool = True
+
+    @model_validator(mode="after")
+    def _check_cron(self) -> ScheduledJob:
+        fields = self.cron.split()
+        if len(fields) != 5:
+            raise ValueError(
+                f"cron {self.cron!r} must have 5 fields (minute hour day-of-month month "
+                "day-of-week)"
+            )
+        # Cron runs a slot when *either* restricted day field matches, APScheduler when
+        # both do: the two would disagree, so only one of them may be restricted.
+        if fields[2] not in ("*", "?") and fields[4] not in ("*", "?"):
+            raise ValueError(
+                f"cron {self.cron!r} restricts both day-of-month and day-of-week; "
+                "restrict one (cron ORs them, APScheduler ANDs them)"
+            )
+        return self
 
 
 def _default_jobs() -> dict[str, ScheduledJob]:
@@ -902,6 +920,36 @@ class ScheduleConfig(Section):
     # A slot missed while the scheduler was down runs once when it is back, if it
     # is at most this old; the slots before it are not run (one catch-up).
     misfire_grace_s: int = Field(default=6 * 3600, ge=1)
+    # The program a Ray Job runs. None: the `rayrec` beside the scheduler's Python
+    # when the Jobs API is on this machine (a virtualenv need not be on PATH), else
+    # `rayrec` from the cluster image's PATH.
+    entrypoint: str | None = None
+    # How long a submission the Jobs API refuses as not ready (no job agent yet, a
+    # dropped connection) is retried before the slot counts as failed.
+    submit_timeout_s: float = Field(default=60.0, gt=0.0)
+    # How often the running scheduler refreshes the Ray Job status of its unfinished
+    # submissions in the history (what `rayrec runs` shows).
+    status_poll_s: float = Field(default=60.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> ScheduleConfig:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown timezone {self.timezone!r} (an IANA name, e.g. UTC)"
+            ) from None
+        allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+        for name in self.jobs:
+            # A job name starts its Ray submission ids and names its Kubernetes CronJob:
+            # lowercase letters, digits and inner dashes (a DNS label) fit both.
+            if not name or not set(name) <= allowed or name[0] == "-" or name[-1] == "-":
+                raise ValueError(
+                    f"schedule job name {name!r}: use lowercase letters, digits and inner dashes"
+                )
+        return self
 
 
 class RayrecConfig(Section):
