@@ -250,6 +250,49 @@ def concept_drift(
     return result(metrics=metrics, skipped=skipped)
 
 
+def noise_key(metric: str) -> str:
+    """The key of a concept metric's day-to-day noise in a reference profile's ``noise``."""
+    return f"concept:{metric}"
+
+
+def concept_day_noise(
+    frame: pl.DataFrame,
+    days: pl.Series,
+    label: str = "label",
+    score: str = "score",
+    min_days: int = 3,
+) -> dict[str, float]:
+    """``{noise_key(metric): largest |metric(one day) - metric(the other days)|}`` over the
+    UTC days of ``frame``'s labelled rows; ``{}`` with fewer than ``min_days`` days.
+
+    A day's rows come in sessions, so healthy days differ in AUC and logloss by
+    more than the row bootstrap allows (day 26 of the drift benchmark's clean
+    world: logloss +0.011 over the reference, past a fixed 0.01); a window's
+    change then has to exceed what one healthy day shows against the others.
+    Measure it on held-out days: a model's training days score sharper, and
+    one held-out day against training days would read as noise.
+    """
+    keep = frame.select(
+        pl.col(label).alias("y"), pl.col(score).alias("p"), days.dt.date().alias("day")
+    ).drop_nulls()
+    day_of_row = keep.get_column("day").to_physical().to_numpy()
+    distinct = np.unique(day_of_row)
+    if len(distinct) < min_days:
+        return {}
+    labels = keep.get_column("y").cast(pl.Float64).to_numpy()
+    scores = keep.get_column("p").cast(pl.Float64).to_numpy()
+    rows = _Sorted(labels, scores)
+    # _Sorted holds rows in score order (stable): put the day of each row in that order.
+    in_order = day_of_row[np.argsort(scores, kind="stable")]
+    masks = in_order[None, :] == distinct[:, None]  # (D, n)
+    one = rows.metrics(masks.astype(np.float64))  # each (D,)
+    rest = rows.metrics((~masks).astype(np.float64))
+    return {
+        noise_key(name): round(float(np.nanmax(np.abs(one[name] - rest[name]))), 6)
+        for name in ("auc", "logloss", "ece")
+    }
+
+
 # --------------------------------------------------------------------------- inputs
 
 

@@ -88,7 +88,7 @@ from monitoring.alerts import (
     Window,
 )
 from monitoring.columns import sample_rows
-from monitoring.concept import ConceptResult, concept_drift
+from monitoring.concept import ConceptResult, concept_day_noise, concept_drift, noise_key
 from monitoring.drift import DriftResult, data_drift, day_noise, prediction_drift
 from monitoring.embeddings import EMBEDDING_TEST, RECALL_TEST, EmbeddingReference
 from monitoring.reference import ReferenceProfile
@@ -100,7 +100,7 @@ from monitoring.sketch_checks import (
     head_check,
     load_sketches,
 )
-from monitoring.verdict import Verdict, not_judged
+from monitoring.verdict import Verdict, noise_threshold, not_judged
 from monitoring.workspace import add_reports, workspace_path
 from pipelines.embedding_checks import embedding_checks
 from pipelines.ranker.retrieval_feature import with_retrieval_score
@@ -468,9 +468,20 @@ def judge_window(
             label=profile.labels[0],
             score=SCORE,
             max_rows=settings.max_window_rows,
-            min_change=dict(settings.concept_min_change),
+            min_change=concept_min_change(profile, settings),
         )
     return results, concept
+
+
+def concept_min_change(profile: ReferenceProfile, settings: MonitoringConfig) -> dict[str, float]:
+    """Per concept metric, the change a window must show: ``concept_min_change``, raised to
+    ``drift.noise_margin`` times the reference days' own day-to-day change when measured."""
+    return {
+        metric: noise_threshold(
+            floor, settings.drift.noise_margin, profile.noise.get(noise_key(metric))
+        )
+        for metric, floor in settings.concept_min_change.items()
+    }
 
 
 def run_monitoring(
@@ -521,6 +532,7 @@ def run_monitoring(
         current = scorer.score(sample_rows(rows, settings.max_window_rows, [seed, 0]))
         record.rows["used"] = current.height
         results, concept = judge_window(profile, current, settings, seed)
+        record.details["concept_min_change"] = concept_min_change(profile, settings)
         if settings.embeddings.enabled:
             vectors = embedding_checks(config, reference_vectors, rows, seed)
     sketches = (
@@ -925,6 +937,11 @@ def reference_from_examples(
         noise = day_noise(
             days, days.get_column("ts"), profile.columns, drift, drift.noise_rows, seed
         )
+        if profile.labels:
+            # On the held-out rows' own days (see concept_day_noise), not the history's.
+            noise.update(
+                concept_day_noise(scored, scored.get_column("ts"), profile.labels[0], SCORE)
+            )
     return replace(profile, source_rows=frame.height, noise=noise)
 
 

@@ -136,3 +136,36 @@ def test_bad_inputs_are_named(reference: pl.DataFrame) -> None:
         concept_drift(reference, reference.with_columns(pl.lit(1.5).alias("score")), CI, 10, 0)
     with pytest.raises(ValueError, match="lacks columns"):
         concept_drift(reference, reference.drop("score"), CI, 10, 0)
+
+
+def _days(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    import datetime as dt
+
+    start = dt.datetime(2026, 3, 1, 12, tzinfo=dt.UTC)
+    return pl.concat(
+        [
+            f.with_columns(pl.lit(start + dt.timedelta(days=i)).alias("ts"))
+            for i, f in enumerate(frames)
+        ]
+    )
+
+
+def test_concept_day_noise_is_the_largest_one_day_against_the_rest_change() -> None:
+    from monitoring.concept import concept_day_noise, noise_key
+
+    same = _window(3_000, seed=5)
+    # Three copies of one day: each day's metrics equal the others' exactly.
+    copies = _days([same, same, same])
+    noise = concept_day_noise(copies, copies.get_column("ts"))
+    assert set(noise) == {noise_key(m) for m in ("auc", "logloss", "ece")}
+    assert all(v == pytest.approx(0.0, abs=1e-12) for v in noise.values())
+    # One day of shuffled scores (AUC ~0.5): its AUC against the other two days' is the noise.
+    shuffled = _window(3_000, seed=5, shuffle=True)
+    mixed = _days([same, same, shuffled])
+    noise = concept_day_noise(mixed, mixed.get_column("ts"))
+    expected = auc(same["label"].to_numpy(), same["score"].to_numpy()) - auc(
+        shuffled["label"].to_numpy(), shuffled["score"].to_numpy()
+    )
+    assert noise[noise_key("auc")] == pytest.approx(expected, abs=1e-6)
+    two = _days([same, same])
+    assert concept_day_noise(two, two.get_column("ts")) == {}
