@@ -27,7 +27,14 @@ the same simulated traffic for ``days`` days after the logged data:
 6. **Off-policy.** When arm A logs marginal propensities and arm B is
    deterministic, B's CTR is estimated from A's logged slots alone by
    item-position IPS and SNIPS (:func:`pipelines.abtest_stats.off_policy`) and
-   compared with B's true CTR.
+   compared with B's true CTR. The log (``ope_log``) is by default A serving
+   *every* request of the experiment, as a logging run before the test would
+   (the arm's own clicks kept, the other half's drawn by the simulator): then
+   B's true CTR is taken on exactly the logged traffic. ``arm`` uses A's half
+   only; its users are not the whole traffic, so the comparison with B's
+   overall true CTR adds the split's noise (``true_ctr_b_on_logged`` is B's
+   truth on those requests, the estimator's own target). With heavy-tailed
+   activity (the simulator's Pareto) that noise is large on a few thousand users.
 
 **Logging with propensities.** A ranking arm explores with ``explore`` (an
 ``epsilon``): with probability ``1 - epsilon`` a request gets the top
@@ -71,7 +78,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -118,6 +125,11 @@ class AbTestSettings:
     # Two-stage arms rerank this many first-stage candidates; exploration draws from
     # the same many, so a two-stage target is covered by its first stage's logger.
     candidates: int = 50
+    # Off-policy log of arm A: "all" as if A had served every request of the experiment
+    # (a logging run over the same traffic the truth is taken on: the estimate's error is
+    # the estimator's own); "arm": A's half only (its users differ from the whole traffic,
+    # so the comparison with B's true CTR also carries the split's sampling noise).
+    ope_log: Literal["all", "arm"] = "all"
     bootstrap: int = 1_000
     level: float = 0.95
     seed: int = 0
@@ -130,6 +142,8 @@ class AbTestSettings:
             raise AbTestError(f"share_b must lie in 1..99 (percent of users), got {self.share_b}")
         if not 0.0 <= self.explore <= 1.0:
             raise AbTestError(f"explore must lie in [0, 1], got {self.explore}")
+        if self.ope_log not in ("all", "arm"):
+            raise AbTestError(f"ope_log must be 'all' or 'arm', got {self.ope_log!r}")
         if self.users < 2 or self.days < 1 or self.requests_per_user_day <= 0:
             raise AbTestError("need users >= 2, days >= 1 and requests_per_user_day > 0")
 
@@ -561,12 +575,19 @@ def simulate(
             daily.clicks["ab"[j]].append(float(clicked.sum()))
             daily.impressions["ab"[j]].append(float(rows.size * k))
             if j == 0 and ope_on:
-                logged.user.append(np.repeat(index[rows], k))
-                logged.clicks.append(clicked.reshape(-1).astype(np.float64))
-                logged.propensity.append(shown.propensity[rows].reshape(-1))
+                # A's log: its arm's impressions, or (ope_log "all") A on every request, the
+                # arm's own clicks kept and the other requests' clicks drawn afresh.
+                log_clicks = np.zeros(p.shape, dtype=bool)
+                log_clicks[rows] = clicked
+                if settings.ope_log == "all":
+                    others = np.flatnonzero(arm != 0)
+                    log_clicks[others] = day_rng.random((others.size, k)) < p[others]
         if ope_on:
-            rows = np.flatnonzero(arm == 0)
+            rows = np.flatnonzero(arm == 0) if settings.ope_log == "arm" else np.arange(arm.size)
             a_shown, b_items = served[0], served[1].items
+            logged.user.append(np.repeat(index[rows], k))
+            logged.clicks.append(log_clicks[rows].reshape(-1).astype(np.float64))
+            logged.propensity.append(a_shown.propensity[rows].reshape(-1))
             logged.target.append((a_shown.items[rows] == b_items[rows]).reshape(-1) * 1.0)
             logged.true_b_clicks += float(p_clicks[1][rows].sum())
             if a_shown.support is None:  # any live item, at any position

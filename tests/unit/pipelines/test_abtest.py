@@ -102,3 +102,22 @@ def test_settings_and_cli_reject_bad_input() -> None:
     with pytest.raises(AbTestError, match="share_b"):
         AbTestSettings(share_b=100)
     assert main(["abtest", "simulate", "--a", "nope", "--no-track"]) != 0
+
+
+def test_arm_log_estimates_b_on_the_logged_requests(sim: ClickLogSimulator) -> None:
+    # ope_log "arm": only A's half is logged; B's truth on exactly those requests is reported.
+    settings = AbTestSettings(
+        a="popularity",
+        b="affinity",
+        users=3000,
+        days=3,
+        explore=0.5,
+        candidates=20,
+        bootstrap=50,
+        ope_log="arm",
+    )
+    record = simulate(sim, *_arms(sim, settings), settings).to_dict()
+    assert record["ope_logged_slots"] == record["counts"]["impressions_a"]
+    assert record["snips_ci_low"] <= record["true_ctr_b_on_logged"] <= record["snips_ci_high"]
+    with pytest.raises(AbTestError, match="ope_log"):
+        AbTestSettings(ope_log="both")  # type: ignore[arg-type]
