@@ -799,12 +799,6 @@ def deploy_render(
             "(repeatable; added to the defaults in pipelines.deploy.DEFAULT_ENV)."
         ),
     ] = None,
-    storage_class: Annotated[
-        str | None,
-        typer.Option(
-            help="StorageClass of the workdir claim (ReadWriteMany; default: the cluster's)."
-        ),
-    ] = None,
     revision: Annotated[
         int,
         typer.Option(
@@ -826,12 +820,7 @@ def deploy_render(
             typer.echo(f"error: --env expects NAME=VALUE, got {item!r}", err=True)
             raise typer.Exit(2)
         pod_env[name] = value
-    spec = DeploySpec(
-        image_repository=image_repository,
-        image_tag=image_tag,
-        env=pod_env,
-        storage_class=storage_class,
-    )
+    spec = DeploySpec(image_repository=image_repository, image_tag=image_tag, env=pod_env)
     files = render(preset, sets or [], spec, revision)
     if check:
         stale = drifted(files, out)
@@ -930,17 +919,17 @@ def _check_schedule_commands(config: RayrecConfig) -> None:
 
 def _submissions_table(records: list[Any], title: str) -> Table:
     table = Table(title=title)
-    # The submission id holds the logical date (in schedule.timezone).
-    for column in ("job", "submission id", "outcome", "status", "fired (UTC)", "note"):
+    for column in ("job", "logical date", "submission id", "outcome", "status", "fired", "note"):
         table.add_column(column, overflow="fold")
     for record in records:
         note = "" if record.outcome == "submitted" else record.message
         table.add_row(
             record.job,
+            record.logical_date[:16],
             record.submission_id,
             record.outcome + (" (manual)" if record.trigger == "manual" else ""),
             record.status or "-",
-            record.fired_at[:19].replace("T", " "),
+            record.fired_at[:19],
             note,
         )
     return table
@@ -994,16 +983,9 @@ def schedule_fire(
             "to the minute. The same date again is refused as already submitted."
         ),
     ] = None,
-    scheduled: Annotated[
-        bool,
-        typer.Option(
-            help="The caller is a scheduler (a Kubernetes CronJob): the history records a "
-            "scheduled slot, and the slot counts as handled."
-        ),
-    ] = False,
 ) -> None:
-    """Submit one run of a scheduled job now (a backfill with --at). Exit 1 only when the
-    submission failed; a refused duplicate or a slot skipped for a running one exit 0."""
+    """Submit one run of a scheduled job now (a backfill with --at); the schedule's memory
+    of handled slots is not moved."""
     import datetime as dt
     from zoneinfo import ZoneInfo
 
@@ -1033,14 +1015,14 @@ def schedule_fire(
         client=client,
         jobs_address=address,
         state=ScheduleState(config),
-        trigger="schedule" if scheduled else "manual",
+        trigger="manual",
     )
     out.print(
         f"{record.submission_id}: {record.outcome}"
         f"{f' ({record.status})' if record.status else ''}"
         f"{f' - {record.message}' if record.outcome != 'submitted' and record.message else ''}"
     )
-    if record.outcome == "failed":
+    if record.outcome in ("failed", "skipped_running"):
         raise typer.Exit(1)
 
 
