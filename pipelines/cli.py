@@ -799,6 +799,12 @@ def deploy_render(
             "(repeatable; added to the defaults in pipelines.deploy.DEFAULT_ENV)."
         ),
     ] = None,
+    storage_class: Annotated[
+        str | None,
+        typer.Option(
+            help="StorageClass of the workdir claim (ReadWriteMany; default: the cluster's)."
+        ),
+    ] = None,
     revision: Annotated[
         int,
         typer.Option(
@@ -820,7 +826,12 @@ def deploy_render(
             typer.echo(f"error: --env expects NAME=VALUE, got {item!r}", err=True)
             raise typer.Exit(2)
         pod_env[name] = value
-    spec = DeploySpec(image_repository=image_repository, image_tag=image_tag, env=pod_env)
+    spec = DeploySpec(
+        image_repository=image_repository,
+        image_tag=image_tag,
+        env=pod_env,
+        storage_class=storage_class,
+    )
     files = render(preset, sets or [], spec, revision)
     if check:
         stale = drifted(files, out)

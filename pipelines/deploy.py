@@ -121,6 +121,8 @@ class DeploySpec:
     job_name: str = "rayrec-main"
     workdir_claim: str = "rayrec-workdir"
     workdir_size: str = "100Gi"
+    # None: the cluster's default StorageClass, which must offer ReadWriteMany.
+    storage_class: str | None = None
     env: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
     batch: ClusterShape = BATCH
     serve: ClusterShape = SERVE
@@ -287,15 +289,18 @@ def _config_map(config: RayrecConfig, spec: DeploySpec) -> dict[str, Any]:
 
 
 def _workdir_claim(spec: DeploySpec) -> dict[str, Any]:
+    claim: dict[str, Any] = {
+        # Every pod of every cluster reads and writes it (NFS, EFS, Filestore, CephFS, ...).
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": spec.workdir_size}},
+    }
+    if spec.storage_class is not None:
+        claim["storageClassName"] = spec.storage_class
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {"name": spec.workdir_claim, "labels": _labels("workdir")},
-        "spec": {
-            # Every pod of every cluster reads and writes it (NFS, EFS, Filestore, CephFS, ...).
-            "accessModes": ["ReadWriteMany"],
-            "resources": {"requests": {"storage": spec.workdir_size}},
-        },
+        "spec": claim,
     }
 
 
@@ -446,16 +451,17 @@ def _ray_job(spec: DeploySpec, preset: str, overrides: Sequence[str]) -> dict[st
 
 
 # The CronJob's Job is named <cronjob>-<scheduled time in minutes since the epoch>:
-# that slot becomes `rayrec schedule fire --at`, so the Ray Job gets the in-process
-# scheduler's submission id <job>-<logical date> (a second submission of one slot
-# is refused) and the same overlap check and history. A Job made by hand
-# (`kubectl create job --from=cronjob/...`) fires for the current minute.
+# that slot becomes `rayrec schedule fire --scheduled --at`, so the Ray Job gets the
+# in-process scheduler's submission id <job>-<logical date> (a second submission of
+# one slot is refused) and the same overlap check and history (a scheduled slot). A
+# Job made by hand (`kubectl create job --from=cronjob/...`) is a manual fire for the
+# current minute.
 FIRE_SCRIPT = """\
 set -euo pipefail
 slot="${JOB_NAME##*-}"
 case "$slot" in
   ''|*[!0-9]*) exec "$@" ;;
-  *) exec "$@" --at "$(date -u -d "@$((slot * 60))" +%Y-%m-%dT%H:%M:%S+00:00)" ;;
+  *) exec "$@" --scheduled --at "$(date -u -d "@$((slot * 60))" +%Y-%m-%dT%H:%M:%S+00:00)" ;;
 esac
 """
 
@@ -473,7 +479,8 @@ def _cron_job(
     ``fire`` submits ``rayrec <command> --preset … --set …`` (the scheduler's
     :func:`pipelines.schedule.job_entrypoint`) to the batch cluster's Jobs API
     and returns: the run itself is a Ray Job on the cluster, and the slot is
-    skipped (the pod fails, visibly) while an earlier run of the job is in flight.
+    skipped (recorded in the history) while an earlier run of the job is in
+    flight. The pod fails only when the submission did.
     """
     resource = f"{spec.cluster_name}-{_dns_label(name)}"
     # CronJob names are limited to 52 characters (its Jobs add an 11-character suffix).
@@ -524,8 +531,8 @@ def _cron_job(
             "failedJobsHistoryLimit": 3,
             "jobTemplate": {
                 "spec": {
-                    # No retry of a slot: a second fire is refused as already submitted
-                    # anyway, and a skipped slot should show as such.
+                    # One try per slot: a failed submission shows as a failed Job, and
+                    # the next slot (or a manual fire) runs the job again.
                     "backoffLimit": 0,
                     "template": {
                         "metadata": {"labels": labels},

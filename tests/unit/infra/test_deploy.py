@@ -278,10 +278,17 @@ def test_cron_slot_becomes_the_logical_date(tmp_path: Path) -> None:
     slot = 1_796_608_800 // 60
     argv = _fire(tmp_path, f"rayrec-features-{slot}")
     assert argv[:5] == ["schedule", "fire", "features", "--preset", "default"]
-    assert argv[5] == "--at"
-    at = dt.datetime.fromisoformat(argv[6])
+    assert argv[5:7] == ["--scheduled", "--at"]
+    at = dt.datetime.fromisoformat(argv[7])
     assert at == dt.datetime(2026, 12, 7, 2, 0, tzinfo=dt.UTC)
     assert submission_id("features", at, "UTC") == "features-2026-12-07T0200"
+    # ... options the real command has.
+    import typer
+
+    from pipelines.cli import app
+
+    fire = typer.main.get_command(app).commands["schedule"].commands["fire"]  # type: ignore[attr-defined]
+    assert {"scheduled", "at", "preset"} <= {p.name for p in fire.params}
     # A Job made by hand from the CronJob fires for the current minute.
     assert _fire(tmp_path, "manual-run") == ["schedule", "fire", "features", "--preset", "default"]
 
