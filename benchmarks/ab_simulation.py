@@ -36,6 +36,15 @@ Protocol (:mod:`pipelines.abtest` runs every experiment):
 
 Bar (issue 8): the A/B CI covers the true lift and excludes 0 when the
 policies truly differ; SNIPS within 10% of the evaluated policy's true CTR.
+
+Measured (``--serving``, 2 shared cores, 469 s of which 242 s train the
+serving models): headline true CTR 0.0275 -> 0.1169 (true lift +0.0894),
+A/B +0.0933 [+0.0878, +0.0987], p 7e-250; SNIPS of affinity 0.1248 (+6.7%),
+IPS 0.1242. affinity vs oracle: true +0.0737, A/B +0.0779 [+0.0684, +0.0874],
+SNIPS -1.4%. A/A: +0.0049 [-0.0051, +0.0148]. Trained retrieval vs reranked
+(4,000 users): true +0.0611, A/B +0.1195 [+0.0333, +0.2057] (heavy users make
+the split noisy), SNIPS +5.7%. 30 repeats: CI covers the true lift 97%,
+|SNIPS error| median 2.1%, max 7.1%; A/A false positives 3 of 30.
 """
 
 from __future__ import annotations
