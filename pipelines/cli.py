@@ -930,17 +930,17 @@ def _check_schedule_commands(config: RayrecConfig) -> None:
 
 def _submissions_table(records: list[Any], title: str) -> Table:
     table = Table(title=title)
-    for column in ("job", "logical date", "submission id", "outcome", "status", "fired", "note"):
+    # The submission id holds the logical date (in schedule.timezone).
+    for column in ("job", "submission id", "outcome", "status", "fired (UTC)", "note"):
         table.add_column(column, overflow="fold")
     for record in records:
         note = "" if record.outcome == "submitted" else record.message
         table.add_row(
             record.job,
-            record.logical_date[:16],
             record.submission_id,
             record.outcome + (" (manual)" if record.trigger == "manual" else ""),
             record.status or "-",
-            record.fired_at[:19],
+            record.fired_at[:19].replace("T", " "),
             note,
         )
     return table
@@ -994,9 +994,16 @@ def schedule_fire(
             "to the minute. The same date again is refused as already submitted."
         ),
     ] = None,
+    scheduled: Annotated[
+        bool,
+        typer.Option(
+            help="The caller is a scheduler (a Kubernetes CronJob): the history records a "
+            "scheduled slot, and the slot counts as handled."
+        ),
+    ] = False,
 ) -> None:
-    """Submit one run of a scheduled job now (a backfill with --at); the schedule's memory
-    of handled slots is not moved."""
+    """Submit one run of a scheduled job now (a backfill with --at). Exit 1 only when the
+    submission failed; a refused duplicate or a slot skipped for a running one exit 0."""
     import datetime as dt
     from zoneinfo import ZoneInfo
 
@@ -1026,14 +1033,14 @@ def schedule_fire(
         client=client,
         jobs_address=address,
         state=ScheduleState(config),
-        trigger="manual",
+        trigger="schedule" if scheduled else "manual",
     )
     out.print(
         f"{record.submission_id}: {record.outcome}"
         f"{f' ({record.status})' if record.status else ''}"
         f"{f' - {record.message}' if record.outcome != 'submitted' and record.message else ''}"
     )
-    if record.outcome in ("failed", "skipped_running"):
+    if record.outcome == "failed":
         raise typer.Exit(1)
 
 

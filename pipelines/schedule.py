@@ -47,6 +47,8 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import logging
+import os
 import shlex
 import sys
 import threading
@@ -77,6 +79,9 @@ from infra.logs import get_logger
 from infra.storage import StoragePath
 
 log = get_logger(__name__)
+# APScheduler's INFO lines repeat each fire in its own words; its warnings (a missed
+# slot, a skipped instance) stay.
+logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 Outcome = Literal["submitted", "already_submitted", "skipped_running", "missed", "failed"]
 Trigger = Literal["schedule", "manual"]
@@ -372,8 +377,6 @@ def connect(config: RayrecConfig, start_local: bool = False) -> tuple[Any, str]:
     token authentication needs ``RAY_AUTH_MODE=token`` and its token here, as for
     ``ray job submit``.
     """
-    import os
-
     from ray.job_submission import JobSubmissionClient
 
     address = (
@@ -654,6 +657,12 @@ def run_scheduler(
     handled: list[Submission] = []
     done_lock = threading.Lock()
 
+    # No address anywhere: connect() starts a local Ray in this process (see below).
+    local = not (
+        os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+        or schedule.jobs_address
+    )
     with _one_scheduler(config):
         client, address = connect(config, start_local=True)
         state = ScheduleState(config)
@@ -753,6 +762,11 @@ def run_scheduler(
                 id="_status",
                 name="refresh statuses",
             )
+        if once and until is None:
+            # A backstop only: each due job reports within its submission's retries.
+            until = dt.datetime.now(dt.UTC) + due * dt.timedelta(
+                seconds=schedule.submit_timeout_s + 60
+            )
         scheduler.start()
         try:
             timeout = (
@@ -764,4 +778,19 @@ def run_scheduler(
         finally:
             scheduler.shutdown(wait=True)
         log.info("schedule.stop", handled=len(handled))
+        if local and (once or until is not None or stop_after is not None):
+            # The local Ray, and every job on it, ends with this process: a bounded run
+            # (--once from the system's cron, say) waits for the runs it started.
+            _wait_for_runs(
+                client, state, [r.submission_id for r in handled if r.outcome == "submitted"]
+            )
     return handled
+
+
+def _wait_for_runs(client: Any, state: ScheduleState, ids: Sequence[str]) -> None:
+    if ids:
+        log.info("schedule.waiting_for_runs", submission_ids=list(ids))
+    for sid in ids:
+        while (status := _status(client, sid)) not in FINAL:
+            time.sleep(2.0)
+        state.set_statuses({sid: status})

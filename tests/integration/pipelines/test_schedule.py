@@ -42,7 +42,7 @@ from pipelines.schedule import (
     workdir_uri,
 )
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(420)
 
 UTC = dt.UTC
 CHEAP = ["config", "show"]  # a real rayrec command that needs no data: seconds as a Ray Job
@@ -126,7 +126,14 @@ def jobs_api(free_port: Callable[[], int]) -> Iterator[tuple[str, Any]]:
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        yield url, _wait_started(url, 120.0)
+        try:
+            # Generous: on 2 shared, busy cores a Ray head has taken two minutes to take jobs.
+            client = _wait_started(url, 240.0)
+        except Exception as exc:
+            log.flush()
+            tail = (temp_dir / "ray-start.log").read_text()[-2000:]
+            raise RuntimeError(f"the Ray head did not take jobs: {exc}\n{tail}") from exc
+        yield url, client
     finally:
         # SIGTERM to `ray start --block` alone: it drains and stops its processes
         # (a signal to the whole group kills the GCS first and its drain hangs).
