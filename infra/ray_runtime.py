@@ -27,6 +27,10 @@ def ensure_ray(config: RayConfig) -> None:
         return
     memory = config.object_store_memory_mb
     ray.init(
+        # "local": a Ray of our own. Without an address ray.init joins the newest
+        # cluster `ray start` left on this machine (/tmp/ray/ray_current_cluster),
+        # which on a shared machine may be someone else's.
+        address="local",
         num_cpus=config.num_cpus,
         object_store_memory=memory * 1024 * 1024 if memory else None,
         include_dashboard=config.include_dashboard,
