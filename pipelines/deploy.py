@@ -342,16 +342,10 @@ def _pod_spec(
     if ports:
         container["ports"] = [{"name": port, "containerPort": number} for port, number in ports]
     pod: dict[str, Any] = {
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RAY_UID,
-            "runAsGroup": RAY_GID,
-            # The volume's files belong to the image's group, so the non-root user can write.
-            "fsGroup": RAY_GID,
-        },
+        "securityContext": _security_context(),
         "containers": [container],
         "volumes": [
-            {"name": "workdir", "persistentVolumeClaim": {"claimName": spec.workdir_claim}},
+            _workdir_volume(spec),
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
     }
@@ -361,6 +355,16 @@ def _pod_spec(
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
     return pod
+
+
+def _security_context() -> dict[str, Any]:
+    """The image's non-root user; the volume's files belong to the image's group, so that
+    user can write them."""
+    return {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID}
+
+
+def _workdir_volume(spec: DeploySpec) -> dict[str, Any]:
+    return {"name": "workdir", "persistentVolumeClaim": {"claimName": spec.workdir_claim}}
 
 
 def _cluster_spec(
@@ -538,19 +542,9 @@ def _cron_job(
                         "metadata": {"labels": labels},
                         "spec": {
                             "restartPolicy": "Never",
-                            "securityContext": {
-                                "runAsNonRoot": True,
-                                "runAsUser": RAY_UID,
-                                "runAsGroup": RAY_GID,
-                                "fsGroup": RAY_GID,
-                            },
+                            "securityContext": _security_context(),
                             "containers": [container],
-                            "volumes": [
-                                {
-                                    "name": "workdir",
-                                    "persistentVolumeClaim": {"claimName": spec.workdir_claim},
-                                }
-                            ],
+                            "volumes": [_workdir_volume(spec)],
                         },
                     },
                 }
