@@ -324,6 +324,18 @@ def _log_artifact(path: StoragePath) -> None:
 # --------------------------------------------------------------------------- lock, records
 
 
+def lock_file(workdir: StoragePath, name: str) -> Path:
+    """Where the lock ``name`` of ``workdir`` lives: beside the workdir's data, or for an
+    object store in the user's cache keyed by the URI (it then guards one machine)."""
+    if workdir.is_local:
+        path = workdir.local_path() / ".locks" / f"{name}.lock"
+    else:
+        key = hashlib.sha256(workdir.uri.encode()).hexdigest()[:16]
+        path = Path.home() / ".cache" / "rayrec" / "locks" / f"{key}-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextmanager
 def _pipeline_lock(workdir: StoragePath, pipeline: str, timeout_s: float) -> Iterator[None]:
     """One run of a pipeline per workdir at a time (a file lock on this machine).
@@ -331,12 +343,7 @@ def _pipeline_lock(workdir: StoragePath, pipeline: str, timeout_s: float) -> Ite
     Object-store workdirs keep the lock file in the user's cache, keyed by URI:
     it guards one machine; cluster-wide exclusion is the scheduler's job.
     """
-    if workdir.is_local:
-        lock_path = workdir.local_path() / ".locks" / f"{pipeline}.lock"
-    else:
-        key = hashlib.sha256(workdir.uri.encode()).hexdigest()[:16]
-        lock_path = Path.home() / ".cache" / "rayrec" / "locks" / f"{key}-{pipeline}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = lock_file(workdir, pipeline)
     lock = FileLock(lock_path, timeout=timeout_s)
     try:
         lock.acquire()

@@ -44,7 +44,6 @@ bounded (``once``, ``until``, ``stop_after``, a ``stop`` event) for tests.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import json
 import logging
@@ -77,6 +76,7 @@ from infra.config import RayrecConfig, ScheduledJob
 from infra.errors import ConfigError, RayrecError
 from infra.logs import get_logger
 from infra.storage import StoragePath
+from pipelines.runner import lock_file
 
 log = get_logger(__name__)
 # APScheduler's INFO lines repeat each fire in its own words; its warnings (a missed
@@ -265,15 +265,7 @@ def job_entrypoint(
 
 
 def _lock_file(config: RayrecConfig, name: str) -> Path:
-    """A lock beside the workdir's data (or, for an object store, in the user's cache)."""
-    workdir = StoragePath.from_uri(config.paths.workdir)
-    if workdir.is_local:
-        path = workdir.local_path() / ".locks" / f"{name}.lock"
-    else:
-        key = hashlib.sha256(workdir.uri.encode()).hexdigest()[:16]
-        path = Path.home() / ".cache" / "rayrec" / "locks" / f"{key}-{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return lock_file(StoragePath.from_uri(config.paths.workdir), name)
 
 
 class ScheduleState:
