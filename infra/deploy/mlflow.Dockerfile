@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # The MLflow tracking server of infra/deploy/compose.yaml. MLflow's own image
 # has neither a PostgreSQL driver nor boto3 (mlflow/mlflow#9513, #8342), so it
-# is built here: the server version is the client's (pyproject: mlflow>=3,<4),
+# is built here: the server version is the rayrec image's client (its Dockerfile
+# constrains mlflow to the same MLFLOW_VERSION, inside pyproject's mlflow>=3,<4),
 # psycopg 3 for the store (postgresql+psycopg://), boto3 for the S3 artifacts.
 FROM python:3.11-slim
 

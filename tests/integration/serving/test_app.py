@@ -367,10 +367,16 @@ def test_replica_killed_under_load(app: RunningApp) -> None:
             if running == REPLICAS and served(app.config):
                 break
         # Requests in flight on the victim fail (nothing retries them); the rate is
-        # judged over a realistic window around the kill, as a client sees it.
-        time.sleep(8.0)
+        # judged over a realistic window around the kill, as a client sees it: at
+        # least 8 s more and 400 requests in all (a count, not a time, so a slow,
+        # shared machine still gives the 1 % bar enough requests; bounded at 60 s).
+        settle = time.monotonic()
+        while time.monotonic() - settle < 60 and (
+            time.monotonic() - settle < 8.0 or len(load.statuses) < 400
+        ):
+            time.sleep(0.5)
     assert running == REPLICAS
-    assert len(load.statuses) > 300
+    assert len(load.statuses) >= 400
     assert load.failures <= 0.01 * len(load.statuses), (
         load.failures,
         len(load.statuses),
