@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
-from infra.config import RayrecConfig
+from infra.config import EmbeddingCheckConfig, RayrecConfig
 from infra.logs import get_logger
 from infra.publish import Published
 from models.artifacts import load_two_tower
@@ -46,6 +47,10 @@ from monitoring.embeddings import (
 from monitoring.verdict import Verdict, not_judged
 from pipelines.ranker.retrieval_feature import row_vectors
 from pipelines.runner import published, step_output
+
+if TYPE_CHECKING:
+    # Faiss loads (and logs) on import of models.index: only its type here.
+    from models.index.base import CandidateIndex
 
 log = get_logger(__name__)
 
@@ -161,7 +166,7 @@ def ann_check(
     """Recall of the live index against exact search over its own vectors, for at most
     ``monitoring.embeddings.ann_queries`` of ``queries`` (Q, D), top ``serving.candidates``."""
     # Imported here: Faiss loads (and logs) on import, which every CLI command would pay.
-    from models.index import ExactIndex, load_index
+    from models.index import load_index
 
     settings = config.monitoring.embeddings
     current = published(config, INDEX_STEP)
@@ -178,14 +183,7 @@ def ann_check(
             f"the index holds {index.dim}-d vectors, the reference's two-tower makes "
             f"{model.config.embedding_dim}-d ones",
         )
-    if len(queries) > settings.ann_queries:
-        rng = np.random.default_rng(seed)
-        queries = queries[np.sort(rng.choice(len(queries), settings.ann_queries, replace=False))]
-    k = min(config.serving.candidates, len(index))
-    oracle = ExactIndex(np.array(index.ids), index.reconstruct(index.ids))
-    _, found = index.search(queries, k)
-    _, exact = oracle.search(queries, k)
-    verdict = ann_health(found, exact, settings.ann_min_recall)
+    verdict = ann_recall(index, queries, config.serving.candidates, settings, seed)
     built = current.manifest.get("metrics", {}).get(
         f"index_recall_at_{config.models.index.recall_k}"
     )
@@ -199,3 +197,24 @@ def ann_check(
             "build_recall": built,
         },
     )
+
+
+def ann_recall(
+    index: CandidateIndex,
+    queries: np.ndarray,
+    candidates: int,
+    settings: EmbeddingCheckConfig,
+    seed: int,
+) -> Verdict:
+    """Recall@``candidates`` of ``index`` against exact search over its own vectors, for at
+    most ``settings.ann_queries`` of ``queries`` (Q, D)."""
+    from models.index import ExactIndex
+
+    if len(queries) > settings.ann_queries:
+        rng = np.random.default_rng(seed)
+        queries = queries[np.sort(rng.choice(len(queries), settings.ann_queries, replace=False))]
+    k = min(candidates, len(index))
+    oracle = ExactIndex(np.array(index.ids), index.reconstruct(index.ids))
+    _, found = index.search(queries, k)
+    _, exact = oracle.search(queries, k)
+    return ann_health(found, exact, settings.ann_min_recall)
