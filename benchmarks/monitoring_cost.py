@@ -54,7 +54,9 @@ import polars as pl
 
 START = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 REFERENCE_ROWS = 50_000
-EMBEDDING_DIM = 64
+# The reference's day-to-day classifier statistic (calibrated in production by the
+# reference step); small, so the floor decides, as on a first profile.
+EMBEDDING_NOISE = 0.01
 
 
 def make_frame(rows: int, features: int, rng: np.random.Generator, shift: float) -> pl.DataFrame:
@@ -95,12 +97,18 @@ def make_events(rows: int, day: int, rng: np.random.Generator) -> pl.DataFrame:
 def child(args: argparse.Namespace) -> None:
     """One monitoring run (see the module docstring); prints its seconds as JSON."""
     from features.feature_spec import Entity, Feature, FeatureKind, FeatureSpec
-    from infra.config import IndexConfig, MonitoringConfig, ServingConfig, SketchConfig
+    from infra.config import (
+        IndexConfig,
+        MonitoringConfig,
+        RetrievalConfig,
+        ServingConfig,
+        SketchConfig,
+    )
     from infra.storage import StoragePath
     from models.index import build_index
     from models.index.synthetic import EmbeddingMixture
     from monitoring.drift import day_noise
-    from monitoring.embeddings import embedding_drift
+    from monitoring.embeddings import SIDES, embedding_drift
     from monitoring.reference import ReferenceProfile
     from monitoring.sketch_checks import dau_check, day_sketches, head_check
     from pipelines.embedding_checks import ann_recall
@@ -138,18 +146,17 @@ def child(args: argparse.Namespace) -> None:
     # Vectors from the index benchmarks' clustered mixture (uniform random vectors
     # are the worst case of any ANN index and unlike a two-tower's).
     embeddings = settings.embeddings
-    mixture = EmbeddingMixture.random(round(np.sqrt(args.items)), EMBEDDING_DIM, seed=args.seed)
+    dim = RetrievalConfig().embedding_dim
+    mixture = EmbeddingMixture.random(round(np.sqrt(args.items)), dim, seed=args.seed)
     item_vectors = mixture.sample(args.items, args.seed + 1)
     index = build_index(
         np.arange(args.items, dtype=np.int64), item_vectors, IndexConfig(kind="hnsw"), args.seed
     )
     reference_vectors = {
-        side: mixture.sample(embeddings.rows, args.seed + 2 + i)
-        for i, side in enumerate(("user", "item"))
+        side: mixture.sample(embeddings.rows, args.seed + 2 + i) for i, side in enumerate(SIDES)
     }
     window_vectors = {
-        side: mixture.sample(embeddings.rows, args.seed + 4 + i)
-        for i, side in enumerate(("user", "item"))
+        side: mixture.sample(embeddings.rows, args.seed + 4 + i) for i, side in enumerate(SIDES)
     }
     window = make_frame(args.rows, args.features, rng, 0.05)
     events = make_events(args.rows, 17, rng)
@@ -177,13 +184,13 @@ def child(args: argparse.Namespace) -> None:
             f"{side}_embedding",
             reference_vectors[side],
             window_vectors[side],
-            0.01,
+            EMBEDDING_NOISE,
             args.seed,
             embeddings.margin,
             embeddings.floor,
             embeddings.min_rows,
         )
-        for side in ("user", "item")
+        for side in SIDES
     ]
     candidates = ServingConfig().candidates
     checks.append(ann_recall(index, window_vectors["user"], candidates, embeddings, args.seed))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from infra.config import EmbeddingCheckConfig, IndexConfig
-from models.index import build_index
+from models.index import CandidateIndex, build_index
 from pipelines.embedding_checks import ann_recall
 
 
-def _index(config: IndexConfig, items: int = 3_000, dim: int = 16):
+def _index(
+    config: IndexConfig, items: int = 3_000, dim: int = 16
+) -> tuple[CandidateIndex, np.random.Generator]:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(items, dim)).astype(np.float32)
     return build_index(np.arange(items, dtype=np.int64), vectors, config, 0), rng
