@@ -173,7 +173,7 @@ def serving_scenario(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     settings = AbTestSettings(
         a="retrieval",
         b="reranked",
-        users=config.simulator.n_users,
+        users=config.simulator.world_size.n_users,
         days=args.days,
         explore=args.explore,
         candidates=args.serving_candidates,
@@ -182,7 +182,10 @@ def serving_scenario(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     )
     record = run(sim, config, settings)
     record["train_s"] = round(train_s, 1)
-    record["world"] = {"users": config.simulator.n_users, "items": config.simulator.n_items}
+    record["world"] = {
+        "users": config.simulator.world_size.n_users,
+        "items": config.simulator.world_size.n_items,
+    }
     return record
 
 
@@ -253,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "scenarios": rows,
             "repeats": repeated,
             "world": {
-                "users": config.simulator.n_users,
-                "items": config.simulator.n_items,
+                "users": config.simulator.world_size.n_users,
+                "items": config.simulator.world_size.n_items,
                 "slate_size": config.simulator.slate_size,
                 "first_day": config.simulator.n_days,
             },

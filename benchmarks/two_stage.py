@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "world_users": n_users,
             "world_items": n_items,
             "days": config.simulator.n_days,
-            "impressions_per_day": config.simulator.impressions_per_day,
+            "impressions_per_day": config.simulator.world_size.impressions_per_day,
             "events": events.height,
             "reranker_examples": examples.height,
             "reranker_train_valid_test": [

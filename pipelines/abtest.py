@@ -528,7 +528,7 @@ def simulate(
 ) -> AbTestResult:
     """Run the experiment of ``settings`` with the two arms (module doc for the protocol)."""
     rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(0,)))
-    n_base = sim.config.n_users
+    n_base = sim.config.world_size.n_users
     if settings.users > n_base:
         raise AbTestError(f"users ({settings.users}) exceeds the world's {n_base} base users")
     k = sim.config.slate_size

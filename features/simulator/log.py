@@ -60,8 +60,9 @@ class Traffic:
     def __init__(self, world: World) -> None:
         self.world = world
         c = world.config
-        self.requests_per_day = max(1, round(c.impressions_per_day / c.slate_size))
-        self._base = InverseCdfSampler(world.user_activity[: c.n_users])
+        size = c.world_size
+        self.requests_per_day = max(1, round(size.impressions_per_day / c.slate_size))
+        self._base = InverseCdfSampler(world.user_activity[: size.n_users])
         self._drift_samplers = {
             lo: InverseCdfSampler(world.user_activity[lo:hi])
             for _, _, lo, hi in world.drifts.covariate

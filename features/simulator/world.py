@@ -100,7 +100,7 @@ class World:
     """Entities, hidden vectors and the drift schedule of one :class:`SimulatorConfig`.
 
     User ids are ``0 .. n_users_total - 1`` (base users first, then the users of
-    each covariate drift); item ids are ``0 .. n_items - 1`` in order of
+    each covariate drift); item ids are ``0 .. world_size.n_items - 1`` in order of
     ``first_seen`` (an auto-increment catalogue), so the items live on a day
     are a prefix of the ids.
     """
@@ -118,8 +118,9 @@ class World:
         age_centroids = rng.normal(0.0, sd, (len(AGE_BUCKETS), d))
         cat_centroids = rng.normal(0.0, sd, (c.n_item_categories, d))
 
+        size = c.world_size  # the effective sizes (scale applied), never the base fields
         # Users.
-        n = c.n_users
+        n = size.n_users
         segment = rng.integers(0, c.n_user_segments, n)
         age = rng.choice(len(AGE_BUCKETS), n, p=AGE_SHARES)
         device = rng.choice(len(DEVICES), n, p=DEVICE_SHARES)
@@ -130,7 +131,7 @@ class World:
         policy_err = rng.normal(0.0, sd * c.policy_affinity_noise, (n, d))
 
         # Items: ids ordered by arrival; popularity rank independent of id.
-        m = c.n_items
+        m = size.n_items
         category = rng.integers(0, c.n_item_categories, m)
         price_level = rng.normal(3.0, 0.6, c.n_item_categories)
         price = np.round(np.exp(price_level[category] + rng.normal(0.0, 0.4, m)), 2)
@@ -200,8 +201,9 @@ class World:
     def _arrival_days(c: SimulatorConfig) -> np.ndarray:
         """Day each item goes live: the first ``n_initial_items`` on day 0, the rest spread
         evenly over days 1 .. n_days - 1 (all on day 0 for a one-day world)."""
-        n0, rest = c.n_initial_items, c.n_items - c.n_initial_items
-        days = np.zeros(c.n_items, dtype=np.int64)
+        n_items = c.world_size.n_items
+        n0, rest = c.n_initial_items, n_items - c.n_initial_items
+        days = np.zeros(n_items, dtype=np.int64)
         if rest and c.n_days > 1:
             days[n0:] = 1 + (np.arange(rest) * (c.n_days - 1)) // rest
         return days
@@ -235,7 +237,7 @@ class World:
         first_seen = np.asarray([self.day_start_us(int(d)) for d in range(self.config.n_days)])
         return pl.DataFrame(
             {
-                "item_id": np.arange(self.config.n_items, dtype=np.int64),
+                "item_id": np.arange(self.item_vectors.shape[0], dtype=np.int64),
                 "category": _labels("c", category),
                 "price": price,
                 "quality": quality,

@@ -82,7 +82,7 @@ def test_tiny_run_publishes_every_step_tracks_it_and_skips_on_rerun(
     )
     assert str(champion.version) == registered["version"]
     index = json.loads(published(config, "index").path.join("index.json").read_text())  # type: ignore[union-attr]
-    assert index["count"] == config.simulator.n_items
+    assert index["count"] == config.simulator.world_size.n_items
 
     # Reranker: trained on the feature spec's examples, better than chance, registered,
     # and its pyfunc scores raw example rows as the step's own test metrics did.

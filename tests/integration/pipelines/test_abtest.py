@@ -49,7 +49,7 @@ def test_retrieval_vs_reranked_on_the_trained_models(
     settings = AbTestSettings(
         a="retrieval",
         b="reranked",
-        users=config.simulator.n_users,
+        users=config.simulator.world_size.n_users,
         days=3,
         requests_per_user_day=3.0,
         explore=0.5,
