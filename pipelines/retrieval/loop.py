@@ -25,7 +25,7 @@ from models.metrics import RankingReport, full_ranking_metrics
 from models.optimizers import SparseDenseAdam
 from models.retrieval_task import Negatives, RetrievalTask, in_batch_log_q, uniform_log_q
 from models.two_tower import PAD, TwoTowerConfig, TwoTowerModel
-from pipelines.retrieval.data import RetrievalData
+from pipelines.retrieval.data import RetrievalData, open_retrieval_data
 from pipelines.retrieval.hard_negatives import HardNegativeMiner
 
 CHECKPOINT_FILE = "state.pt"
@@ -180,7 +180,7 @@ def ranking_report(
 
 def popularity_report(data: RetrievalData, ks: Iterable[int]) -> RankingReport:
     """Most-popular baseline on the test part: every user gets the training counts as scores."""
-    counts = np.bincount(data.train_items, minlength=data.n_items).astype(np.float32)
+    counts = data.item_counts.astype(np.float32)
 
     def score(users: np.ndarray) -> np.ndarray:
         return np.tile(counts, (len(users), 1))
@@ -256,7 +256,9 @@ def load_state(folder: Path) -> dict[str, Any]:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: epochs over its shard, a checkpoint per epoch.
 
-    ``loop_config``: ``config`` (RetrievalConfig), ``data`` (RetrievalData), ``threads``,
+    ``loop_config``: ``config`` (RetrievalConfig), ``data_folder`` (the folder
+    :func:`pipelines.retrieval.data.write_retrieval_data` wrote: each worker
+    opens it, so no array of the interactions travels in the config), ``threads``,
     and for fault tests ``crash_marker`` (a path: the first worker to reach
     the end of epoch ``crash_after_epoch`` creates it and exits, as a crash).
     Resumes from ``ray.train.get_checkpoint()`` when Ray restarts the group.
@@ -267,7 +269,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     config: RetrievalConfig = loop_config["config"]
-    data: RetrievalData = loop_config["data"]
+    data = open_retrieval_data(Path(loop_config["data_folder"]))
     # Ray sets OMP_NUM_THREADS to the reserved CPUs; say it to torch explicitly
     # (one thread where two cores are reserved ran ~0.6× the raw loop).
     torch.set_num_threads(loop_config.get("threads", 1))

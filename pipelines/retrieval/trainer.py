@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -27,6 +25,11 @@ from infra.ray_runtime import cpus_per_worker
 from models.two_tower import TwoTowerModel
 from pipelines.retrieval.data import RetrievalData
 from pipelines.retrieval.loop import build_model, load_state, train_loop_per_worker
+
+# CPUs kept free of training workers for Ray Data's read tasks (see reserved_cpus).
+READ_CPUS = 1.0
+# The least a worker reserves on a cluster with no CPU to spare (one CPU in all).
+MIN_RESERVED_CPUS = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,52 @@ def run_name(config: RetrievalConfig, data: RetrievalData) -> str:
     return f"retrieval-{config.kind}-{digest}"
 
 
-def train_dataset(data: RetrievalData, seed: int) -> ray.data.Dataset:
-    """The training pairs as a Ray Dataset (columns ``user``, ``item``), in a seeded random order.
+def train_dataset(data: RetrievalData) -> ray.data.Dataset:
+    """The training pairs (columns ``user``, ``item``) streamed from ``data``'s Parquet files.
 
-    The pairs arrive sorted by user; a local shuffle buffer alone would leave
-    batches of few users, whose in-batch negatives are then mostly one user's
-    own positives (masked as accidental hits). Workers then reshuffle their
-    shard every epoch (:func:`pipelines.retrieval.loop.epoch_batches`).
+    The files already hold the pairs in a seeded random order
+    (:func:`pipelines.retrieval.data.write_retrieval_data`); read with the
+    order preserved (:func:`train_retrieval`), a CPU run is deterministic for
+    a seed. Nothing is read here: Ray Data reads the files block by block as
+    the workers iterate their shards.
     """
-    order = np.random.default_rng(seed).permutation(data.n_train)
-    table = pa.table({"user": data.train_users[order], "item": data.train_items[order]})
-    return ray.data.from_arrow(table)
+    files = data.pair_files
+    if not files:
+        raise ValueError(f"no training pairs under {data.folder}")
+    return ray.data.read_parquet(files, columns=["user", "item"])
+
+
+def reserved_cpus(config: RetrievalConfig) -> float:
+    """CPUs each worker reserves: its share (``cpus_per_worker``), less what Ray Data needs.
+
+    Ray Data lists and reads the Parquet files in tasks of one CPU each; workers
+    holding every CPU of the cluster (one local worker takes all cores by
+    default) would leave them unscheduled and training waiting forever. So the
+    workers together leave at least one CPU free. Their torch threads stay
+    ``cpus_per_worker`` (:func:`loop_config`): the reads are brief next to the
+    training, and a thread fewer ran the loop ~0.6x as fast.
+    """
+    share = cpus_per_worker(config.cpus_per_worker, config.workers)
+    total = ray.cluster_resources().get("CPU", 1.0)
+    room = (total - READ_CPUS) / config.workers
+    return share if room >= share else max(room, MIN_RESERVED_CPUS)
+
+
+def loop_config(
+    data: RetrievalData, config: RetrievalConfig, fault: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What every Ray Train worker receives (pickled into the controller and each worker).
+
+    Only the config and the path of ``data``'s folder: its size does not grow
+    with the events, users or items; each worker opens the folder itself
+    (:func:`pipelines.retrieval.data.open_retrieval_data`).
+    """
+    return {
+        "config": config,
+        "data_folder": str(data.folder),
+        "threads": max(1, int(cpus_per_worker(config.cpus_per_worker, config.workers))),
+        **(fault or {}),
+    }
 
 
 def train_retrieval(
@@ -85,21 +123,16 @@ def train_retrieval(
     options = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": config,
-            "data": data,
-            "threads": max(1, int(cpus_per_worker(config.cpus_per_worker, config.workers))),
-            **(fault or {}),
-        },
+        train_loop_config=loop_config(data, config, fault),
         scaling_config=ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.use_gpu,
             resources_per_worker={
-                "CPU": cpus_per_worker(config.cpus_per_worker, config.workers),
+                "CPU": reserved_cpus(config),
                 **({"GPU": 1} if config.use_gpu else {}),
             },
         ),
-        datasets={"train": train_dataset(data, config.seed)},
+        datasets={"train": train_dataset(data)},
         dataset_config=DataConfig(execution_options=options),
         run_config=RunConfig(
             name=name,

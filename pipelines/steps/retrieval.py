@@ -16,15 +16,19 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import mlflow
 import polars as pl
+import ray
 import torch
 
 from features.dataset import dataset_kind, read_events, read_table
 from features.splits import make_split
+from infra.config import RayrecConfig
 from infra.ray_runtime import ensure_ray
+from infra.storage import StoragePath
 from models.artifacts import (
     ITEM_ENCODING_FILE,
     load_item_encoding,
@@ -33,7 +37,7 @@ from models.artifacts import (
     save_two_tower,
 )
 from pipelines.retrieval.cold_start import catalogue_vectors
-from pipelines.retrieval.data import RetrievalData, prepare_retrieval_data
+from pipelines.retrieval.data import RetrievalData, open_retrieval_data, write_retrieval_data
 from pipelines.retrieval.loop import StepInputs, popularity_report, ranking_report
 from pipelines.retrieval.plots import plot_history, plot_recall_at_k
 from pipelines.retrieval.registry import (
@@ -58,37 +62,63 @@ def positives(events: pl.LazyFrame) -> pl.DataFrame:
     )
 
 
-def retrieval_data(ctx: StepContext) -> RetrievalData | None:
-    data = ctx.input_path("validate")
-    if dataset_kind(data)["kind"] == "ctr":
-        return None
+def write_step_data(validated: str, folder: str, config: RayrecConfig) -> None:
+    """Positives of the validated events at ``validated`` -> split -> files in ``folder``.
+
+    Runs as a Ray task in a process of its own (:func:`retrieval_data`): the
+    events, their split and the CSR matrices are O(events) and live only in
+    that process, which exits when done (``max_calls=1`` hands its memory back
+    to the OS), so the driver never holds them.
+    """
+    data = StoragePath.from_uri(validated)
     users = read_table(data.join("users.parquet"))
     items = read_table(data.join("items.parquet"))
     interactions = positives(read_events(data))
     n_users = int(max(users["user_id"].max() or 0, interactions["user_id"].max() or 0)) + 1  # type: ignore[operator]
     n_items = int(max(items["item_id"].max() or 0, interactions["item_id"].max() or 0)) + 1  # type: ignore[operator]
-    split = make_split(interactions, ctx.config.models.split)
-    return prepare_retrieval_data(
+    split = make_split(interactions, config.models.split)
+    del interactions
+    write_retrieval_data(
         split,
         users,
         items,
         n_users,
         n_items,
-        ctx.config.models.retrieval,
-        ctx.config.features.sketches,
+        config.models.retrieval,
+        config.features.sketches,
+        Path(folder),
     )
 
 
+def retrieval_data(ctx: StepContext, folder: Path) -> RetrievalData:
+    """The step's split written into ``folder`` and opened (O(users + items) read, see
+    :mod:`pipelines.retrieval.data`).
+
+    Needs Ray started: the writing runs in a one-off Ray task (:func:`write_step_data`).
+    """
+    task = ray.remote(num_cpus=1, max_calls=1)(write_step_data)
+    ray.get(task.remote(ctx.input_path("validate").uri, str(folder), ctx.config))
+    return open_retrieval_data(folder)
+
+
 def run_train_retrieval(ctx: StepContext) -> StepResult:
-    data = retrieval_data(ctx)
-    if data is None:
+    if dataset_kind(ctx.input_path("validate"))["kind"] == "ctr":
         ctx.output.join("retrieval.json").write_text_atomic(json.dumps({"skipped": "ctr dataset"}))
         return StepResult(extra={"skipped": True})
-    config = ctx.config.models.retrieval
     ensure_ray(ctx.config.ray)
-    storage = Path(ctx.workdir.local_path()) / "ray_results"
+    workdir = Path(ctx.workdir.local_path())
+    (workdir / "scratch").mkdir(parents=True, exist_ok=True)
+    # The split as files for the driver and the workers, removed with the step.
+    with tempfile.TemporaryDirectory(prefix="train_retrieval-", dir=workdir / "scratch") as tmp:
+        return _train_and_publish(ctx, retrieval_data(ctx, Path(tmp)), workdir / "ray_results")
+
+
+def _train_and_publish(ctx: StepContext, data: RetrievalData, storage: Path) -> StepResult:
+    """Train on ``data``, evaluate on its test part and write the step's outputs."""
+    config = ctx.config.models.retrieval
     trained = train_retrieval(data, config, storage)
     inputs = StepInputs(data, torch.device("cpu"))
+    # Full ranking in user batches (models.metrics.full_ranking_metrics).
     report = ranking_report(trained.model, data, inputs, (*KS, config.eval_k), part="test")
     test = dict(report.metrics)
     # 95% bootstrap CIs over test users: a difference between runs inside them is noise.

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 N_USERS, N_ITEMS = 120, 60
 
 
-def _clustered_data() -> RetrievalData:
-    """Users in 4 taste groups, each group interacting with its own 15 items."""
+def _clustered_data(folder: Path) -> RetrievalData:
+    """Users in 4 taste groups, each group interacting with its own 15 items, written to ``folder``."""
     rng = np.random.default_rng(0)
     rows = []
     start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
@@ -35,7 +35,9 @@ def _clustered_data() -> RetrievalData:
     )
     items = pl.DataFrame({"item_id": np.arange(N_ITEMS), "year": np.arange(N_ITEMS) * 1.0})
     config = RetrievalConfig(history_length=10)
-    return prepare_retrieval_data(split, users, items, N_USERS, N_ITEMS, config, SketchConfig())
+    return prepare_retrieval_data(
+        split, users, items, N_USERS, N_ITEMS, config, SketchConfig(), folder
+    )
 
 
 def _config(**overrides: object) -> RetrievalConfig:
@@ -52,7 +54,7 @@ def _config(**overrides: object) -> RetrievalConfig:
 
 
 def test_training_beats_chance_and_keeps_the_best_epoch(tmp_path: Path) -> None:
-    data = _clustered_data()
+    data = _clustered_data(tmp_path / "data")
     trained = train_retrieval(data, _config(), tmp_path)
     assert [h["epoch"] for h in trained.history] == [0, 1, 2, 3]
     # Chance recall@10 is ~10/60 of the 15 in-group items... i.e. about 0.17; taste groups are easy.
@@ -62,7 +64,7 @@ def test_training_beats_chance_and_keeps_the_best_epoch(tmp_path: Path) -> None:
 
 
 def test_a_crashed_worker_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    data = _clustered_data()
+    data = _clustered_data(tmp_path / "data")
     marker = tmp_path / "crashed"
     # Hard negatives on: the miner rebuilds its index after the restart too.
     config = _config(epochs=3, max_failures=1, hard_negatives=2, hard_negative_pool=10)
@@ -76,7 +78,7 @@ def test_a_crashed_worker_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
 
 def test_same_seed_same_model(tmp_path: Path) -> None:
-    data = _clustered_data()
+    data = _clustered_data(tmp_path / "data")
     config = _config(epochs=1)
     a = train_retrieval(data, config, tmp_path / "a").model.state_dict()
     b = train_retrieval(data, config, tmp_path / "b").model.state_dict()
@@ -85,7 +87,7 @@ def test_same_seed_same_model(tmp_path: Path) -> None:
 
 
 def test_two_workers_train_together_with_ddp(tmp_path: Path) -> None:
-    data = _clustered_data()
+    data = _clustered_data(tmp_path / "data")
     # Half a CPU each: two DDP workers (gloo, sparse gradients all-reduced) on the 2-CPU test Ray.
     config = _config(epochs=4, workers=2, cpus_per_worker=0.5)
     trained = train_retrieval(data, config, tmp_path)
