@@ -8,9 +8,11 @@ process opens it with :func:`open_retrieval_data` from the folder's path.
 Sizes, with ``U`` users, ``I`` items, ``L`` the history length and ``N`` the
 distinct training pairs (about 0.8 of the events under an 8:1:1 split):
 
-- O(U·L + I), loaded whole by each process that opens the folder
-  (``meta.pkl``): the recent histories (U, L), item probabilities and counts
-  (I,), the attribute tables and the item encoding.
+- O(U + I), loaded whole by each process that opens the folder
+  (``meta.pkl``): item probabilities and counts (I,), the attribute tables and
+  the item encoding. The recent histories (``history.npy``, (U, L) int64: 240
+  MB for 300k users at L = 100) are memory-mapped copy-on-write, so the driver
+  and the workers of one machine share one copy.
 - O(N), never loaded whole after writing:
   the training pairs, Parquet files ``pairs/part-*.parquet`` in a seeded
   random order, read as a Ray Dataset and iterated in batches; and the CSR
@@ -42,6 +44,7 @@ from models.metrics import UserItems
 from models.two_tower import PAD
 
 META_FILE = "meta.pkl"
+HISTORY_FILE = "history.npy"
 PAIRS_FOLDER = "pairs"
 # Training pairs per Parquet file: several files let Ray Data read in parallel
 # and split the data between workers; 512k pairs are 8 MB of int64 columns.
@@ -54,8 +57,7 @@ MATRICES = ("valid", "test", "seen_for_valid", "seen_for_test")
 class RetrievalData:
     """One split of an interaction dataset, opened from its folder (module doc).
 
-    ``history`` (U, L) int64 each user's most recent ``L`` training items as
-    item embedding rows (``item + 1``; 0 pads the end); ``item_probability``
+    ``item_probability``
     (I,) float64 the share of training interactions of each item, from a
     Count-Min sketch (the logQ correction); ``item_counts`` (I,) int64 the
     exact training interactions per item (the most-popular baseline).
@@ -63,16 +65,15 @@ class RetrievalData:
     attributes): saved with the model, it encodes items that arrive later for
     their content-only vectors.
 
-    The fields are O(U·L + I): pickling this object never carries the
-    interactions, which stay in ``folder`` (see :attr:`pair_files` and the
-    matrix properties).
+    The fields are O(U + I): pickling this object never carries the
+    interactions or the histories, which stay in ``folder`` (see
+    :attr:`pair_files`, :attr:`history` and the matrix properties).
     """
 
     folder: Path
     n_users: int
     n_items: int
     n_train: int
-    history: np.ndarray
     item_probability: np.ndarray
     item_counts: np.ndarray
     user_attributes: AttributeTable
@@ -83,6 +84,15 @@ class RetrievalData:
     def pair_files(self) -> list[str]:
         """The Parquet files of the training pairs (columns ``user``, ``item``), in order."""
         return sorted(str(p) for p in (self.folder / PAIRS_FOLDER).glob("part-*.parquet"))
+
+    @property
+    def history(self) -> np.ndarray:
+        """(U, L) int64 each user's most recent ``L`` training items as item embedding rows.
+
+        ``item + 1``; 0 pads the end. Memory-mapped copy-on-write: writable
+        (torch wraps it without a copy) yet shared between processes until written.
+        """
+        return np.load(self.folder / HISTORY_FILE, mmap_mode="c")
 
     @property
     def valid(self) -> UserItems:
@@ -180,7 +190,6 @@ def write_retrieval_data(
         "n_users": n_users,
         "n_items": n_items,
         "n_train": train.height,
-        "history": recent_history(train, n_users, config.history_length),
         "item_probability": item_probability(train, n_items, sketches),
         "item_counts": np.bincount(
             train["item_id"].to_numpy().astype(np.int64), minlength=n_items
@@ -189,12 +198,13 @@ def write_retrieval_data(
         "item_attributes": item_attributes,
         "item_encoding": item_encoding,
     }
+    np.save(folder / HISTORY_FILE, recent_history(train, n_users, config.history_length))
     # Pickle: a scratch file of this run, read back by the same code version.
     (folder / META_FILE).write_bytes(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def open_retrieval_data(folder: Path) -> RetrievalData:
-    """The data :func:`write_retrieval_data` left in ``folder``: O(U·L + I) read, the rest mapped."""
+    """The data :func:`write_retrieval_data` left in ``folder``: O(U + I) read, the rest mapped."""
     meta = pickle.loads((folder / META_FILE).read_bytes())
     return RetrievalData(folder=folder, **meta)
 

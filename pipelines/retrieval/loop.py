@@ -202,10 +202,16 @@ def validate(
 
 
 def cache_shard(shard: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The worker's whole shard as (users (N,), items (N,)) int64 tensors, read once."""
-    parts = list(shard.iter_torch_batches(batch_size=1 << 20, dtypes=torch.long))
+    """The worker's whole shard as (users (N,), items (N,)) int32 tensors, read once.
+
+    O(N / workers): 8 bytes a pair (int32 ids, widened a batch at a time by
+    :func:`epoch_batches`; ids past 2^31 would need embedding tables of 2^31
+    rows), so 160 MB for 20M pairs on one worker; a shard that does not fit
+    is streamed instead (``cache_shard: false``).
+    """
+    parts = list(shard.iter_torch_batches(batch_size=1 << 20, dtypes=torch.int32))
     if not parts:
-        empty = torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.int32)
         return empty, empty
     return torch.cat([p["user"] for p in parts]), torch.cat([p["item"] for p in parts])
 
@@ -232,7 +238,7 @@ def epoch_batches(
         users, items = cached
         order = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))
         for batch in order.split(config.batch_size):
-            yield users[batch].to(device), items[batch].to(device)
+            yield users[batch].to(device, torch.long), items[batch].to(device, torch.long)
         return
     for batch in shard.iter_torch_batches(
         batch_size=config.batch_size,

@@ -63,6 +63,14 @@ def test_training_beats_chance_and_keeps_the_best_epoch(tmp_path: Path) -> None:
     assert trained.best_valid["valid_recall@10"] == pytest.approx(best)
 
 
+def test_a_streamed_shard_learns_too(tmp_path: Path) -> None:
+    # cache_shard off: the worker holds a shuffle buffer of batches, never its whole shard.
+    data = _clustered_data(tmp_path / "data")
+    trained = train_retrieval(data, _config(cache_shard=False), tmp_path / "runs")
+    assert [h["epoch"] for h in trained.history] == [0, 1, 2, 3]
+    assert trained.best_valid["valid_recall@10"] > 0.5
+
+
 def test_a_crashed_worker_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     data = _clustered_data(tmp_path / "data")
     marker = tmp_path / "crashed"
