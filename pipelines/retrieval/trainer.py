@@ -3,6 +3,11 @@
 Workers, GPUs and retries come from ``models.retrieval``; each epoch leaves a
 checkpoint, the best one by validation recall is kept, and a crashed worker
 makes Ray restart the group from the latest checkpoint (``FailureConfig``).
+
+The data reach the workers from storage, never in their arguments: the
+training pairs as a Ray Dataset of the split's Parquet files (each worker
+iterates its ``get_dataset_shard("train")`` in batches), everything else
+through the split folder's path (:func:`loop_config`).
 """
 
 from __future__ import annotations
@@ -111,6 +116,9 @@ def train_retrieval(
     fault: dict[str, Any] | None = None,
 ) -> TrainedRetrieval:
     """Train on ``data`` with Ray Train; checkpoints under ``storage``/<run name>.
+
+    ``data.folder`` must be readable by every worker at the same path (this
+    machine's disk on one machine, shared storage on a multi-machine cluster).
 
     ``fault`` (tests): ``{"crash_marker": path, "crash_after_epoch": n}`` makes a
     worker crash once, to prove the resume.

@@ -1,7 +1,8 @@
 """Retrieval steps: train the two-tower, build its candidate index, register it.
 
 ``train_retrieval``  positives of the validated events -> split (``models.split``)
-                     -> Ray Train -> full-ranking test metrics beside a
+                     written as files in a scratch folder by a one-off Ray
+                     task -> Ray Train -> full-ranking test metrics beside a
                      most-popular baseline; publishes ``model/``, metrics, the
                      per-epoch history and plots.
 ``index``            item vectors of the trained model, plus content-only vectors
