@@ -23,68 +23,46 @@ import sys
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and its name
-# would shadow the `features` package: drop the folder before importing it.
+# would shadow the `features` package: drop the folder before importing it; the
+# repository root goes last, so the shared helpers import as `benchmarks.…`.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from typing import Any
 
-import psutil
+from benchmarks.watched_run import (
+    ProcessMemory,
+    newest_record,
+    rayrec_run_command,
+    run_summary,
+    watch_run,
+)
 
 BAR_S = 900.0
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of ``process`` and all its descendants (vanished ones count 0)."""
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
 
 
 def timed_run(preset: str, workdir: Path, sets: list[str], timeout_s: float) -> dict[str, Any]:
     """One ``rayrec run`` in a child process: wall seconds, peak tree RSS, exit code."""
-    rayrec = Path(sys.executable).parent / "rayrec"
-    command = [str(rayrec), "run", "--preset", preset, "--set", f"paths.workdir={workdir}"]
-    for item in sets:
-        command += ["--set", item]
     log = workdir.parent / f"{workdir.name}-{int(time.time())}.log"
-    started = time.perf_counter()
-    with log.open("w") as out:
-        child = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-        )
-        watched = psutil.Process(child.pid)
-        peak = 0
-        while child.poll() is None:
-            peak = max(peak, tree_rss(watched))
-            if time.perf_counter() - started > timeout_s:
-                os.killpg(child.pid, 9)
-                child.wait()
-                break
-            time.sleep(0.5)
-    seconds = time.perf_counter() - started
+    peak = 0
+
+    def sample(tree: list[ProcessMemory]) -> None:
+        nonlocal peak
+        peak = max(peak, sum(member.rss for member in tree))
+
+    run = watch_run(rayrec_run_command(preset, workdir, sets), log, timeout_s, sample)
     return {
-        "seconds": seconds,
+        "seconds": run.seconds,
         "peak_rss_mb": peak / 2**20,
-        "code": child.returncode,
-        "log": str(log),
+        "code": run.code,
+        "log": str(run.log),
     }
-
-
-def newest_record(workdir: Path) -> dict[str, Any]:
-    records = sorted((workdir / "runs").glob("*.json"))
-    return json.loads(records[-1].read_text())
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -106,9 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tail = Path(fresh["log"]).read_text()[-3000:]
             raise SystemExit(f"rayrec run failed ({fresh['code']}):\n{tail}")
         record = newest_record(workdir)
-        summary = json.loads(
-            (workdir / "runs" / "summaries" / f"{record['run_id']}.json").read_text()
-        )
+        summary = run_summary(workdir, record)
         rerun = timed_run(args.preset, workdir, args.sets, args.timeout_s)
         rerun_record = newest_record(workdir)
     finally:
