@@ -565,6 +565,16 @@ class RankerConfig(Section):
     # honest protocol for a click log; random for tables without time.
     split: Literal["temporal", "random"] = "temporal"
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    # Rows the split-and-encode pass reads, encodes and writes at a time (one
+    # encoded file each): bounds the driver's memory at any log size.
+    chunk_rows: int = Field(default=200_000, ge=1_000)
+    # Rows a training worker mixes in its local shuffle buffer (the encoded files
+    # arrive in a random order, each in time order): the bound on what a worker
+    # holds besides the model; 64 default batches.
+    shuffle_buffer_rows: int = Field(default=65_536, ge=0)
+    # Encoded files each Ray Data dataset of the trainer reads at once (a file is a
+    # chunk): what a read holds in memory, beside the object store's own bound.
+    read_tasks: int = Field(default=2, ge=1)
     calibration: Literal["temperature", "isotonic", "none"] = "temperature"
     # Ray Train, as in models.retrieval.
     workers: int = Field(default=1, ge=1)

@@ -88,7 +88,10 @@ class RankerPart:
         if rows >= len(self):
             return self
         generator = torch.Generator().manual_seed(seed)
-        index = torch.randperm(len(self), generator=generator)[:rows].sort().values
+        return self.rows(torch.randperm(len(self), generator=generator)[:rows].sort().values)
+
+    def rows(self, index: torch.Tensor | slice) -> RankerPart:
+        """The rows ``index`` (every tensor alike), in the order given."""
         return RankerPart(
             categorical=self.categorical[index],
             numeric=self.numeric[index],

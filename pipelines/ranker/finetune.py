@@ -45,7 +45,7 @@ from infra.config import RankerFinetuneConfig
 from models.lora import LoRALinear, Target, apply_lora, merge_lora
 from models.moe import Reranker
 from models.optimizers import SparseDenseAdam
-from pipelines.ranker.loop import EpochState, evaluate, run_epochs, shuffled
+from pipelines.ranker.loop import EpochState, evaluate, memory_batches, run_epochs
 from serving.encoding import RankerPart
 
 Mode = Literal["lora", "full"]
@@ -131,13 +131,20 @@ def window_split(frame: pl.DataFrame, window_days: int) -> tuple[pl.DataFrame, p
         raise ValueError("window_split needs a 'ts' column")
     if frame.height == 0:
         raise ValueError("window_split got an empty table")
-    newest = frame.get_column("ts").max()
-    if not isinstance(newest, dt.datetime):
-        raise ValueError(f"window_split needs a datetime 'ts' column, got {frame.schema['ts']}")
-    start_day = newest.replace(hour=0, minute=0, second=0, microsecond=0)
-    start = start_day - dt.timedelta(days=window_days - 1)
-    in_window = pl.col("ts") >= start
+    in_window = pl.col("ts") >= window_start(frame.lazy(), window_days)
     return frame.filter(~in_window), frame.filter(in_window)
+
+
+def window_start(examples: pl.LazyFrame, window_days: int) -> dt.datetime:
+    """Where the newest ``window_days`` UTC days of ``examples`` begin (see :func:`window_split`);
+    one streaming pass for the newest ``ts``."""
+    if window_days < 1:
+        raise ValueError(f"window_days must be >= 1, got {window_days}")
+    newest = examples.select(pl.col("ts").max()).collect(engine="streaming").item()
+    if not isinstance(newest, dt.datetime):
+        raise ValueError(f"the window needs a datetime 'ts' column, got {newest!r}")
+    start_day = newest.replace(hour=0, minute=0, second=0, microsecond=0)
+    return start_day - dt.timedelta(days=window_days - 1)
 
 
 def _count(parameters: Iterable[nn.Parameter]) -> int:
@@ -199,8 +206,8 @@ def finetune(
     state = run_epochs(
         tuned,
         optimizer,
-        train,
-        valid,
+        memory_batches(train, batch_size, generator),
+        lambda: [valid],
         EpochState(
             best_epoch=0,
             best_valid_auc=base["auc"],
@@ -208,8 +215,6 @@ def finetune(
             history=[given],
         ),
         epochs=settings.epochs,
-        batch_size=batch_size,
-        rows_for_epoch=shuffled(len(train), generator),
     )
 
     adapted = sum(isinstance(m, LoRALinear) for m in tuned.modules())

@@ -1,14 +1,16 @@
 """The reranker training loop as plain functions.
 
-:func:`train_step` is one optimiser step, :func:`evaluate` scores a data
-part (with :func:`serving.scoring.predict`, the scorer serving uses),
-:func:`run_epochs` is the one epoch loop (mini-batches over the rows the
-caller draws, validation AUC after every epoch, early stopping, the best
-epoch kept) over a resumable
-:class:`EpochState`. Its callers differ only in how they start, shuffle and
-checkpoint: :func:`train_epochs` (single process, fresh model),
-:func:`train_loop_per_worker` (each Ray Train worker: rank-sharded rows,
-checkpoints, resume, DDP; :mod:`pipelines.ranker.trainer` is its driver),
+:func:`train_step` is one optimiser step, :func:`score_parts` scores rows
+read batch by batch (keeping a few numbers per row, not the rows) and
+:func:`click_report` / :func:`scored_task_report` turn the scores into
+metrics; :func:`run_epochs` is the one epoch loop (the mini-batches the
+caller yields, validation AUC after every epoch, early stopping, the best
+epoch kept) over a resumable :class:`EpochState`. Its callers differ only in
+where rows come from and how they start and checkpoint:
+:func:`train_loop_per_worker` (each Ray Train worker: its shard of the
+encoded examples streamed by Ray Data, checkpoints, resume, DDP;
+:mod:`pipelines.ranker.trainer` is its driver and the pipeline's one way to
+train), :func:`train_epochs` (one process over in-memory data: benchmarks),
 ``tuning._trial`` (a Ray Tune trial) and ``finetune.finetune`` (epoch 0 = the
 model as given).
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +34,9 @@ from models.moe import Reranker, RerankerConfig
 from models.optimizers import SparseDenseAdam
 from models.ranking_task import RankingLoss, RankingTask, TaskSpec
 from pipelines.ranker.data import RankerData
+from pipelines.ranker.encoded import EncodedSplits, TargetStats, part_from_table, target_stats
 from serving.encoding import RankerPart
-from serving.scoring import predict, to_device
+from serving.scoring import to_device
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,17 @@ class TrainConfig:
             )
 
 
-def second_task(settings: RankerConfig, train: RankerPart | None) -> tuple[TaskSpec | None, str]:
-    """The second task's spec when ``train`` has enough rows with its target; else None and why."""
+def second_task(
+    settings: RankerConfig, targets: Mapping[str, TargetStats] | None
+) -> tuple[TaskSpec | None, str]:
+    """The second task's spec when the training rows (``targets``: their target statistics)
+    have enough of its target; else None and why."""
     config = settings.second_task
     if config is None:
         return None, "second_task is off"
-    if train is None or config.target not in train.targets:
+    if targets is None or config.target not in targets:
         return None, f"the examples have no {config.target!r} column"
-    rows = int((~torch.isnan(train.targets[config.target])).sum())
+    rows = targets[config.target].rows
     if rows < config.min_rows:
         return None, (
             f"{rows} training rows have a {config.target!r}, fewer than min_rows={config.min_rows}"
@@ -85,15 +91,16 @@ def second_task(settings: RankerConfig, train: RankerPart | None) -> tuple[TaskS
 
 
 def configs_from(
-    settings: RankerConfig, train: RankerPart | None = None
+    settings: RankerConfig, targets: Mapping[str, TargetStats] | None = None
 ) -> tuple[RerankerConfig, TrainConfig]:
     """The model and loop hyper-parameters of a ``models.ranker`` config section.
 
-    The model gets a second gate and head when ``train`` (the training part)
-    holds enough of the second task's target (:func:`second_task`); without
-    ``train`` it is the click model alone.
+    The model gets a second gate and head when the training rows (``targets``:
+    their target statistics, :func:`pipelines.ranker.encoded.target_stats`)
+    hold enough of the second task's target (:func:`second_task`); without
+    ``targets`` it is the click model alone.
     """
-    extra, _ = second_task(settings, train)
+    extra, _ = second_task(settings, targets)
     tasks = (TaskSpec("click"),) + ((extra,) if extra is not None else ())
     model = RerankerConfig(
         kind=settings.kind,
@@ -122,7 +129,10 @@ def configs_from(
 
 
 def new_reranker(
-    layout: Any, model_config: RerankerConfig, loop: TrainConfig, train: RankerPart
+    layout: Any,
+    model_config: RerankerConfig,
+    loop: TrainConfig,
+    targets: Mapping[str, TargetStats] | None = None,
 ) -> Reranker:
     """A fresh :class:`Reranker` whose regression heads start at the training mean.
 
@@ -132,40 +142,92 @@ def new_reranker(
     model = Reranker(layout, model_config)
     with torch.no_grad():
         for task in loop.tasks[1:]:
-            if task.kind == "regression" and task.name in train.targets:
-                values = train.targets[task.name]
-                mean = float(values[~torch.isnan(values)].mean())
-                model.heads[task.name].bias.fill_(mean)
+            if task.kind == "regression" and targets and task.name in targets:
+                model.heads[task.name].bias.fill_(targets[task.name].mean)
     return model
 
 
 def task_targets(
-    part: RankerPart, tasks: tuple[TaskSpec, ...], index: torch.Tensor, device: torch.device
+    part: RankerPart, tasks: tuple[TaskSpec, ...], device: torch.device
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Targets and masks of rows ``index`` for each task: the click label, then ``part.targets``."""
-    targets = {tasks[0].name: part.labels[index].to(device)}
+    """Targets and masks of the rows of ``part`` for each task: the click label, then
+    ``part.targets``."""
+    targets = {tasks[0].name: part.labels.to(device)}
     masks: dict[str, torch.Tensor] = {}
     for task in tasks[1:]:
-        values = part.targets[task.name][index].to(device)
+        values = part.targets[task.name].to(device)
         masks[task.name] = ~torch.isnan(values)
         targets[task.name] = values
     return targets, masks
 
 
+@dataclass(frozen=True)
+class Scored:
+    """Scores of rows read batch by batch: what metrics need, a few numbers per row.
+
+    ``logits`` (N,) float64 per task of the model; ``labels`` (N,) float32;
+    ``users`` (N,) int64 or None; ``targets`` (N,) float32 per second-task
+    target (NaN where none). Holding these instead of the rows keeps a
+    validation or test pass at ~30 bytes a row, whatever the features.
+    """
+
+    logits: dict[str, np.ndarray]
+    labels: np.ndarray
+    users: np.ndarray | None
+    targets: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
 @torch.no_grad()
-def task_report(model: Reranker, part: RankerPart, task: TaskSpec) -> dict[str, float]:
-    """Metrics of a second task on the rows of ``part`` that have its target.
+def score_parts(model: Reranker, parts: Iterable[RankerPart], batch_size: int = 8192) -> Scored:
+    """Every task's logits for the rows of ``parts`` (eval mode), in order, a batch at a time."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits: dict[str, list[np.ndarray]] = {task: [] for task in model.config.tasks}
+    labels, users, targets = [], [], {}
+    for part in parts:
+        for start in range(0, len(part), batch_size):
+            rows = part.rows(slice(start, start + batch_size))
+            outputs = model(to_device(rows.batch(slice(None)), device)).outputs
+            for task in logits:
+                logits[task].append(outputs[task].double().cpu().numpy())
+            labels.append(rows.labels.numpy())
+            if rows.users is not None:
+                users.append(rows.users.numpy())
+            for name, values in rows.targets.items():
+                targets.setdefault(name, []).append(values.numpy())
+    join = lambda chunks, dtype: np.concatenate(chunks) if chunks else np.zeros(0, dtype)  # noqa: E731
+    return Scored(
+        logits={task: join(chunks, np.float64) for task, chunks in logits.items()},
+        labels=join(labels, np.float32),
+        users=join(users, np.int64) if users else None,
+        targets={name: join(chunks, np.float32) for name, chunks in targets.items()},
+    )
+
+
+def click_report(
+    scored: Scored, task: str = "click", calibrator: Calibrator | None = None
+) -> dict[str, float]:
+    """``auc, gauc, logloss, ece, n, positive_rate`` of scored rows (optionally calibrated)."""
+    probabilities = click_probabilities(scored.logits[task], calibrator)
+    return ctr_report(scored.labels, probabilities, users=scored.users)
+
+
+def scored_task_report(scored: Scored, task: TaskSpec) -> dict[str, float]:
+    """Metrics of a second task on the scored rows that have its target.
 
     Regression: ``rmse``, ``mae`` and ``baseline_rmse`` (always predicting the
-    part's own mean: the bar a head must clear); binary: ``auc`` and
-    ``logloss``. ``n`` rows with a target (all NaN when none).
+    rows' own mean: the bar a head must clear); binary: ``auc`` and
+    ``logloss``. ``n`` rows with a target (``{"n": 0}`` when none).
     """
-    values = part.targets[task.name].double().numpy()
+    values = scored.targets[task.name].astype(np.float64)
     present = ~np.isnan(values)
     n = int(present.sum())
     if n == 0:
         return {"n": 0.0}
-    scores = predict(model, part, task.name)[present]
+    scores = scored.logits[task.name][present]
     target = values[present]
     if task.kind == "regression":
         return {
@@ -178,6 +240,11 @@ def task_report(model: Reranker, part: RankerPart, task: TaskSpec) -> dict[str, 
         target = (target >= task.threshold).astype(np.float64)
     report = ctr_report(target, click_probabilities(scores, None))
     return {"n": float(n), "auc": report["auc"], "logloss": report["logloss"]}
+
+
+def task_report(model: Reranker, part: RankerPart, task: TaskSpec) -> dict[str, float]:
+    """:func:`scored_task_report` of the rows of an in-memory ``part``."""
+    return scored_task_report(score_parts(model, [part]), task)
 
 
 @dataclass
@@ -215,10 +282,9 @@ def evaluate(
     calibrator: Calibrator | None = None,
     batch_size: int = 8192,
 ) -> dict[str, float]:
-    """``auc, gauc, logloss, ece, n, positive_rate`` of ``part`` (optionally calibrated)."""
-    probabilities = click_probabilities(predict(model, part, task, batch_size), calibrator)
-    users = part.users.numpy() if part.users is not None else None
-    return ctr_report(part.labels.numpy(), probabilities, users=users)
+    """``auc, gauc, logloss, ece, n, positive_rate`` of an in-memory ``part``
+    (optionally calibrated)."""
+    return click_report(score_parts(model, [part], batch_size), task, calibrator)
 
 
 @dataclass
@@ -259,21 +325,29 @@ class EpochState:
 StateCallback = Callable[[dict[str, Any], Reranker, EpochState], None]
 
 
-def shuffled(n: int, generator: torch.Generator) -> Callable[[int], torch.Tensor]:
-    """``rows_for_epoch`` of a single process: a fresh permutation of ``n`` rows per epoch."""
-    return lambda epoch: torch.randperm(n, generator=generator)
+# An epoch's training batches (each a RankerPart of at most a batch of rows), by
+# epoch number: a shuffled part in memory, or a Ray Data shard read anew.
+BatchSource = Callable[[int], Iterable[RankerPart]]
+# The validation rows, read anew at each call, in parts of any size.
+PartSource = Callable[[], Iterable[RankerPart]]
+
+
+def memory_batches(part: RankerPart, batch_size: int, generator: torch.Generator) -> BatchSource:
+    """Mini-batches of an in-memory ``part``: a fresh seeded permutation per epoch."""
+    return lambda epoch: (
+        part.rows(index)
+        for index in torch.randperm(len(part), generator=generator).split(batch_size)
+    )
 
 
 def run_epochs(
     model: Reranker,
     optimizer: Any,
-    train: RankerPart,
-    valid: RankerPart,
+    train_batches: BatchSource,
+    valid: PartSource,
     state: EpochState,
     *,
     epochs: int,
-    batch_size: int,
-    rows_for_epoch: Callable[[int], torch.Tensor],
     patience: int | None = None,
     keep_best: bool = True,
     on_epoch: StateCallback | None = None,
@@ -283,17 +357,18 @@ def run_epochs(
 ) -> EpochState:
     """The reranker's one epoch loop: epochs ``state.epoch + 1 ..`` until ``state.done``.
 
-    Each epoch trains on ``train`` rows ``rows_for_epoch(epoch)`` in
-    mini-batches of ``batch_size`` (the caller owns the shuffling: a seeded
-    generator, or a permutation sharded by rank), scores ``valid`` and updates
-    ``state`` (returned, also changed in place). ``patience`` None never stops
-    early. With ``keep_best`` the best epoch's weights are kept in the state
-    and loaded back at the end. ``forward`` is what trains (a DDP wrapper of
+    Each epoch trains on the mini-batches ``train_batches(epoch)`` yields (the
+    caller owns reading and shuffling: :func:`memory_batches`, or a Ray Data
+    shard), scores the rows ``valid()`` yields and updates ``state``
+    (returned, also changed in place). ``patience`` None never stops early.
+    With ``keep_best`` the best epoch's weights are kept in the state and
+    loaded back at the end. ``forward`` is what trains (a DDP wrapper of
     ``model``); ``model`` itself is scored. ``tasks`` (the loop config's) are
     trained, the click first; None trains the model's first task alone
     (binary, the label). Early stopping and the best epoch follow the click's
     validation AUC; a second task's validation metrics join the history as
-    ``valid_<task>_<metric>``. Batches go to the model's device.
+    ``valid_<task>_<metric>``. Batches go to the model's device. The row
+    counts ``train_rows``, the rows this process trained on in the epoch.
     """
     tasks = tasks or (TaskSpec(model.config.tasks[0]),)
     unknown = [t.name for t in tasks if t.name not in model.config.tasks]
@@ -306,14 +381,16 @@ def run_epochs(
     while not state.done(epochs, patience):
         epoch = state.epoch + 1
         started = time.perf_counter()
-        total, batches = 0.0, 0
-        for index in rows_for_epoch(epoch).split(batch_size):
-            batch = to_device(train.batch(index), device)
-            targets, masks = task_targets(train, tasks, index, device)
+        total, batches, rows = 0.0, 0, 0
+        for part in train_batches(epoch):
+            batch = to_device(part.batch(slice(None)), device)
+            targets, masks = task_targets(part, tasks, device)
             total += train_step(trained, task, optimizer, batch, targets, masks).per_task[main_task]
             batches += 1
+            rows += len(part)
         train_s = time.perf_counter() - started
-        report = evaluate(model, valid, main_task, batch_size=eval_batch_size)
+        scored = score_parts(model, valid(), eval_batch_size)
+        report = click_report(scored, main_task)
         seconds = time.perf_counter() - started
         if state.best_epoch is None or report["auc"] > state.best_valid_auc:
             state.best_epoch, state.best_valid_auc, state.stale = epoch, report["auc"], 0
@@ -329,11 +406,12 @@ def run_epochs(
             "valid_auc": report["auc"],
             "valid_gauc": report["gauc"],
             "valid_logloss": report["logloss"],
+            "train_rows": rows,
             "train_s": train_s,
             "seconds": seconds,
         }
         for extra in tasks[1:]:
-            for key, value in task_report(model, valid, extra).items():
+            for key, value in scored_task_report(scored, extra).items():
                 if key != "n":
                     row[f"valid_{extra.name}_{key}"] = value
         state.history.append(row)
@@ -360,19 +438,17 @@ def train_epochs(
     Trains ``train_config.tasks`` (the click alone by default).
     """
     torch.manual_seed(train_config.seed)
-    model = new_reranker(data.layout, model_config, train_config, data.train)
+    model = new_reranker(data.layout, model_config, train_config, target_stats(data.train))
     optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     generator = torch.Generator().manual_seed(train_config.seed)
     start = time.perf_counter()
     state = run_epochs(
         model,
         optimizer,
-        data.train,
-        data.valid,
+        memory_batches(data.train, train_config.batch_size, generator),
+        lambda: [data.valid],
         EpochState(),
         epochs=train_config.epochs,
-        batch_size=train_config.batch_size,
-        rows_for_epoch=shuffled(len(data.train), generator),
         patience=train_config.patience,
         on_epoch=None if on_epoch is None else lambda row, m, _: on_epoch(row, m),
         eval_batch_size=train_config.eval_batch_size,
@@ -390,27 +466,40 @@ def train_epochs(
 CHECKPOINT_FILE = "state.pt"
 
 
-def _worker_rows(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
-    """This worker's rows for ``epoch``: one seeded permutation shared by all, every world-th row."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator)[rank::world]
+def shard_batches(
+    shard: Any, batch_size: int, shuffle_rows: int = 0, seed: int = 0
+) -> Iterator[RankerPart]:
+    """A Ray Data shard's encoded rows as :class:`RankerPart` batches of ``batch_size``.
+
+    ``shuffle_rows`` > 0 mixes rows through a local buffer of that many rows
+    (seeded by ``seed``); memory holds the buffer plus a batch or two in flight.
+    """
+    for table in shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        local_shuffle_buffer_size=shuffle_rows or None,
+        local_shuffle_seed=seed if shuffle_rows else None,
+        prefetch_batches=1,
+    ):
+        yield part_from_table(table)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: epochs over its rows, a checkpoint and a report per epoch.
+    """What each Ray Train worker runs: epochs over its shard, a checkpoint and a report per epoch.
 
-    ``loop_config``: ``settings`` (infra RankerConfig), ``data`` (RankerData,
-    put in the object store once by Ray), ``threads``, and for fault tests
-    ``crash_marker`` / ``crash_after_epoch`` (rank 0 creates the marker after
-    that epoch's checkpoint and exits, once). The examples are already tensors
-    in memory, so each worker takes every ``world``-th row of a per-epoch
-    permutation that all workers draw alike (no Ray Data round trip).
-    Resumes from ``ray.train.get_checkpoint()``; stops when validation AUC has
-    not improved for ``patience`` epochs (every worker decides alike: all
-    evaluate the same validation rows with the same synchronised weights).
-    The checkpoint holds the :class:`EpochState` fields plus ``model``,
-    ``optimizer`` and ``rng``; Ray keeps the best epoch's checkpoint, so the
-    loop keeps no best weights of its own.
+    ``loop_config``: ``settings`` (infra RankerConfig), ``splits``
+    (:class:`EncodedSplits`: folder names, layout and statistics, no rows),
+    ``threads``, and for fault tests ``crash_marker`` / ``crash_after_epoch``
+    (rank 0 creates the marker after that epoch's checkpoint and exits, once).
+    The rows come from Ray Data: the ``train`` dataset split between the
+    workers, shuffled per epoch through a local buffer of
+    ``settings.shuffle_buffer_rows`` rows (a seed per epoch and rank); the
+    ``valid`` dataset whole on every worker, so that all workers score the
+    same rows with the same synchronised weights and stop alike on
+    ``patience``. Resumes from ``ray.train.get_checkpoint()``. The checkpoint
+    holds the :class:`EpochState` fields plus ``model``, ``optimizer`` and
+    ``rng``; Ray keeps the best epoch's checkpoint, so the loop keeps no best
+    weights of its own.
     """
     import os
     import tempfile
@@ -420,15 +509,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     settings: RankerConfig = loop_config["settings"]
-    data: RankerData = loop_config["data"]
+    splits: EncodedSplits = loop_config["splits"]
     torch.set_num_threads(loop_config.get("threads", 1))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(settings.seed)
-    model_config, train_config = configs_from(settings, data.train)
+    model_config, train_config = configs_from(settings, splits.targets)
     model_config = dataclasses.replace(model_config, sparse_embeddings=not settings.use_gpu)
     device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
-    model = new_reranker(data.layout, model_config, train_config, data.train).to(device)
+    model = new_reranker(splits.layout, model_config, train_config, splits.targets).to(device)
     optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     state = EpochState()
     checkpoint = ray.train.get_checkpoint()
@@ -450,11 +539,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             move_to_device=False,
             parallel_strategy_kwargs={"find_unused_parameters": settings.kind == "moe"},
         )
-    n = len(data.train)
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
     marker = loop_config.get("crash_marker")
 
     def checkpoint_and_report(row: dict[str, Any], _: Reranker, state: EpochState) -> None:
-        row["samples_per_s"] = len(range(rank, n, world)) * world / max(row["train_s"], 1e-9)
+        # Every worker read an equal share (Ray Train splits with equal=True).
+        row["samples_per_s"] = row["train_rows"] * world / max(row["train_s"], 1e-9)
         row["epoch_s"] = row["train_s"]
         row["best_valid_auc"] = state.best_valid_auc
         row["stopped"] = state.done(train_config.epochs, train_config.patience)
@@ -479,15 +570,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_epochs(
         model,
         optimizer,
-        data.train,
-        data.valid,
+        lambda epoch: shard_batches(
+            train_shard,
+            train_config.batch_size,
+            settings.shuffle_buffer_rows,
+            seed=(settings.seed * 100_003 + epoch) * 1_009 + rank,
+        ),
+        lambda: shard_batches(valid_shard, train_config.eval_batch_size),
         state,
         epochs=train_config.epochs,
-        batch_size=train_config.batch_size,
-        rows_for_epoch=lambda epoch: _worker_rows(n, epoch, settings.seed, rank, world),
         patience=train_config.patience,
         keep_best=False,
         on_epoch=checkpoint_and_report,
         forward=trained,
+        eval_batch_size=train_config.eval_batch_size,
         tasks=train_config.tasks,
     )

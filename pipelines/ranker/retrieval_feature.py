@@ -115,11 +115,18 @@ def with_retrieval_score(
     return frame.with_columns(pl.Series(RETRIEVAL_SCORE, scores, dtype=pl.Float64).fill_nan(None))
 
 
-def with_retrieval_feature(spec: FeatureSpec, train: pl.DataFrame) -> FeatureSpec:
-    """``spec`` plus the ``retrieval_score`` feature, standardised by ``train``'s scores."""
-    scores = train.get_column(RETRIEVAL_SCORE).drop_nulls()
-    mean = float(scores.mean() or 0.0) if scores.len() else 0.0
-    std = float(scores.std() or 0.0) if scores.len() > 1 else 0.0
+def with_retrieval_feature(spec: FeatureSpec, train: pl.DataFrame | pl.LazyFrame) -> FeatureSpec:
+    """``spec`` plus the ``retrieval_score`` feature, standardised by ``train``'s scores
+    (a lazy frame is aggregated by a streaming pass, never held whole)."""
+    score = pl.col(RETRIEVAL_SCORE).drop_nulls()
+    stats = (
+        train.lazy()
+        .select(score.len().alias("n"), score.mean().alias("mean"), score.std().alias("std"))
+        .collect(engine="streaming")
+        .row(0, named=True)
+    )
+    mean = float(stats["mean"] or 0.0) if stats["n"] else 0.0
+    std = float(stats["std"] or 0.0) if stats["n"] > 1 else 0.0
     feature = Feature(
         name=RETRIEVAL_SCORE,
         kind=FeatureKind.NUMERIC,

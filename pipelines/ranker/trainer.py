@@ -3,8 +3,12 @@
 The same path as retrieval (:mod:`pipelines.retrieval.trainer`): workers,
 GPUs and retries from ``models.ranker``; a checkpoint per epoch, the best
 by validation AUC kept; a crashed worker makes Ray restart the group from
-the latest checkpoint (``FailureConfig``). After training the driver fits
-the configured calibration on validation logits.
+the latest checkpoint (``FailureConfig``). The rows reach the workers as
+Ray Data datasets of the encoded examples (:mod:`pipelines.ranker.encoded`):
+``train`` split between them, ``valid`` whole on each; the loop config
+carries the small :class:`EncodedSplits` description, never rows. After
+training the driver fits the configured calibration on validation logits,
+scored a batch at a time.
 """
 
 from __future__ import annotations
@@ -18,17 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.data
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from infra.config import RankerConfig
 from infra.ray_runtime import cpus_per_worker
 from models.calibration import IsotonicCalibration, TemperatureScaling, fit_calibration
 from models.moe import Reranker
-from pipelines.ranker.data import RankerData
-from pipelines.ranker.loop import CHECKPOINT_FILE, configs_from, train_loop_per_worker
-from serving.scoring import predict
+from pipelines.ranker.encoded import EncodedSplits, iter_file_parts
+from pipelines.ranker.loop import (
+    CHECKPOINT_FILE,
+    configs_from,
+    score_parts,
+    train_loop_per_worker,
+)
 
 VALID_METRIC = "valid_auc"
 
@@ -47,15 +56,16 @@ class TrainedRanker:
     run_name: str
 
 
-def run_name(settings: RankerConfig, data: RankerData) -> str:
+def run_name(settings: RankerConfig, data: EncodedSplits) -> str:
     """Deterministic: the same config and data shape give the same Ray Train run folder."""
     digest = hashlib.sha256(
         json.dumps(
             [
                 settings.model_dump(mode="json", exclude={"tuning", "finetune"}),
                 dataclasses.asdict(data.layout),
-                len(data.train),
-                len(data.valid),
+                data.rows["train"],
+                data.rows["valid"],
+                data.positives["train"],
             ],
             sort_keys=True,
         ).encode()
@@ -64,7 +74,7 @@ def run_name(settings: RankerConfig, data: RankerData) -> str:
 
 
 def train_ranker(
-    data: RankerData,
+    data: EncodedSplits,
     settings: RankerConfig,
     storage: Path,
     fault: dict[str, Any] | None = None,
@@ -82,7 +92,7 @@ def train_ranker(
         train_loop_per_worker,
         train_loop_config={
             "settings": settings,
-            "data": data,
+            "splits": data,
             "threads": max(1, int(cpus)),
             **(fault or {}),
         },
@@ -90,6 +100,19 @@ def train_ranker(
             num_workers=settings.workers,
             use_gpu=settings.use_gpu,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if settings.use_gpu else {})},
+        ),
+        # The files in a seeded random order (each holds a stretch of time); rows
+        # are mixed further by each worker's shuffle buffer. Order is preserved
+        # so that a seed gives the same batches on one worker.
+        datasets={
+            "train": data.dataset("train", settings.read_tasks).randomize_block_order(
+                seed=settings.seed
+            ),
+            "valid": data.dataset("valid", settings.read_tasks),
+        },
+        dataset_config=DataConfig(
+            datasets_to_split=["train"],
+            execution_options=ray.data.ExecutionOptions(preserve_order=True),
         ),
         run_config=RunConfig(
             name=name,
@@ -112,7 +135,7 @@ def train_ranker(
         raise RuntimeError("ranker training reported no checkpoint")
     with best.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
-    model_config, _ = configs_from(settings, data.train)
+    model_config, loop = configs_from(settings, data.targets)
     model = Reranker(data.layout, model_config)
     model.load_state_dict(state["model"])
     model.eval()
@@ -122,9 +145,8 @@ def train_ranker(
         history = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)["history"]
     calibrator = None
     if settings.calibration != "none":
-        calibrator = fit_calibration(
-            settings.calibration, predict(model, data.valid), data.valid.labels.numpy()
-        )
+        valid = score_parts(model, iter_file_parts(data.files("valid"), loop.eval_batch_size))
+        calibrator = fit_calibration(settings.calibration, valid.logits["click"], valid.labels)
     return TrainedRanker(
         model=model,
         calibrator=calibrator,

@@ -61,7 +61,14 @@ from infra.logs import get_logger
 from models.moe import Reranker
 from models.optimizers import SparseDenseAdam
 from pipelines.ranker.data import RankerData
-from pipelines.ranker.loop import EpochState, configs_from, new_reranker, run_epochs, shuffled
+from pipelines.ranker.encoded import target_stats
+from pipelines.ranker.loop import (
+    EpochState,
+    configs_from,
+    memory_batches,
+    new_reranker,
+    run_epochs,
+)
 
 log = get_logger(__name__)
 
@@ -281,9 +288,10 @@ def _trial(
     """
     settings = apply_sample(base, config)
     torch.set_num_threads(max(1, int(base.tuning.cpus_per_trial)))
-    model_config, loop = configs_from(settings, data.train)
+    targets = target_stats(data.train)
+    model_config, loop = configs_from(settings, targets)
     torch.manual_seed(loop.seed)
-    model = new_reranker(data.layout, model_config, loop, data.train)
+    model = new_reranker(data.layout, model_config, loop, targets)
     optimizer = SparseDenseAdam(model, lr=loop.lr, weight_decay=loop.weight_decay)
     generator = torch.Generator().manual_seed(loop.seed)
     state = EpochState()
@@ -322,12 +330,10 @@ def _trial(
     run_epochs(
         model,
         optimizer,
-        data.train,
-        data.valid,
+        memory_batches(data.train, loop.batch_size, generator),
+        lambda: [data.valid],
         state,
         epochs=loop.epochs,
-        batch_size=loop.batch_size,
-        rows_for_epoch=shuffled(len(data.train), generator),
         patience=loop.patience,
         on_epoch=checkpoint_and_report,
         eval_batch_size=loop.eval_batch_size,
@@ -340,7 +346,7 @@ def load_best_model(result: TuningResult, data: RankerData) -> Reranker:
     if result.best_checkpoint is None:
         raise ValueError("the best trial left no checkpoint")
     saved = torch.load(result.best_checkpoint / CHECKPOINT_FILE, weights_only=True)
-    model = Reranker(data.layout, configs_from(result.best, data.train)[0])
+    model = Reranker(data.layout, configs_from(result.best, target_stats(data.train))[0])
     model.load_state_dict(saved["best_weights"] or saved["model"])
     return model.eval()
 

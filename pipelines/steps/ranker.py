@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import polars as pl
+import pyarrow.parquet as pq
 
 from features.dataset import read_examples
 from features.feature_spec import SPEC_FILE, FeatureSpec
@@ -40,10 +44,27 @@ from infra.config import RankerConfig
 from infra.ray_runtime import ensure_ray
 from models.artifacts import SavedReranker, load_reranker, load_two_tower, save_reranker
 from models.calibration import IsotonicCalibration, TemperatureScaling, click_probabilities
-from models.ctr_metrics import ctr_report, expected_calibration_error
+from models.ctr_metrics import expected_calibration_error
 from models.moe import Reranker
 from pipelines.ranker.data import RankerData
-from pipelines.ranker.loop import configs_from, second_task, task_report, train_epochs
+from pipelines.ranker.encoded import (
+    ChunkTransform,
+    EncodedSplits,
+    concat_parts,
+    encode_split_examples,
+    example_files,
+    iter_file_parts,
+    scratch_folder,
+    split_examples_to_parquet,
+)
+from pipelines.ranker.loop import (
+    Scored,
+    click_report,
+    configs_from,
+    score_parts,
+    scored_task_report,
+    second_task,
+)
 from pipelines.ranker.plots import plot_history, plot_reliability
 from pipelines.ranker.registry import log_reranker
 from pipelines.ranker.retrieval_feature import (
@@ -51,11 +72,11 @@ from pipelines.ranker.retrieval_feature import (
     with_retrieval_feature,
     with_retrieval_score,
 )
-from pipelines.ranker.spec_data import ranker_data_from_parts, split_examples
+from pipelines.ranker.spec_data import column_spec, split_examples
 from pipelines.ranker.trainer import train_ranker
 from pipelines.retrieval.registry import log_training_history, metric_name, register_and_gate
 from pipelines.step import Step, StepContext, StepResult
-from serving.encoding import RETRIEVAL_SCORE, RankerPart, encode_examples
+from serving.encoding import RETRIEVAL_SCORE, RankerPart, SpecColumns, encode_examples
 from serving.scoring import predict
 
 TEST_KEYS = ("auc", "gauc", "logloss", "ece")
@@ -75,42 +96,73 @@ def unusable(parts: dict[str, pl.DataFrame], label: str, min_rows: int = 2) -> s
     return None
 
 
-def ranker_examples(
-    ctx: StepContext, settings: RankerConfig, frame: pl.DataFrame | None = None
-) -> pl.DataFrame:
-    """The examples published by ``features`` (or ``frame``), with the retrieval score
-    column when ``settings.retrieval_score`` asks for it and a two-tower was trained."""
-    if frame is None:
-        frame = read_examples(ctx.input_path("features")).collect()
+def retrieval_transform(
+    ctx: StepContext, settings: RankerConfig, columns: list[str]
+) -> ChunkTransform | None:
+    """What adds the retrieval score column to chunks of example rows, when
+    ``settings.retrieval_score`` asks for it and a two-tower was trained (else None)."""
     if not settings.retrieval_score:
-        return frame
+        return None
     problem = retrieval_score_problem(ctx.config)
     if problem is not None:
         raise ValueError(f"models.ranker.retrieval_score: {problem}")
     model_folder = Path(ctx.input_path("train_retrieval").local_path()) / "model"
-    if not model_folder.exists() or "user_history" not in frame.columns:
-        return frame  # a CTR table: no two-tower, no ids to score
+    if not model_folder.exists() or "user_history" not in columns:
+        return None  # a CTR table: no two-tower, no ids to score
     model = load_two_tower(model_folder)
-    return with_retrieval_score(frame, model, ctx.config.features.history_length)
+    history_length = ctx.config.features.history_length
+    return lambda frame: with_retrieval_score(frame, model, history_length)
 
 
-def ranker_inputs(
-    ctx: StepContext, settings: RankerConfig
-) -> tuple[RankerData | None, FeatureSpec, str, str | None]:
+@dataclass(frozen=True)
+class RankerInputs:
+    """The encoded examples (None when they cannot train a reranker, then ``reason`` says
+    why), the spec they were encoded by and the split used."""
+
+    splits: EncodedSplits | None
+    spec: FeatureSpec
+    split: str
+    reason: str | None
+
+
+@contextmanager
+def ranker_inputs(ctx: StepContext, settings: RankerConfig) -> Iterator[RankerInputs]:
     """The examples published by ``features``, split and encoded by the ranker's spec
-    (the features' own, plus the retrieval score when it is on); the split used; the
-    reason they cannot train a reranker (then the data is None)."""
+    (the features' own, plus the retrieval score when it is on) into a scratch folder of
+    the workdir that lives as long as the ``with`` block.
+
+    Two bounded passes of ``settings.chunk_rows`` rows at a time: split (adding the
+    retrieval score), then encode, after the retrieval score's training statistics are
+    known. Nothing holds the whole table.
+    """
     spec = FeatureSpec.load(ctx.input_path("features"))
-    frame = ranker_examples(ctx, settings)
+    files = example_files(ctx.input_path("features").join("examples"))
+    with files[0].fs.open_input_file(files[0].path) as handle:
+        columns = pq.read_schema(handle).names
     # A CTR table has no time: its split can only be random.
-    split = settings.split if "ts" in frame.columns else "random"
-    train, valid, test = split_examples(frame, split, settings.split_ratios, settings.seed)
-    reason = unusable({"train": train, "valid": valid, "test": test}, spec.labels[0])
-    if reason is not None:
-        return None, spec, split, reason
-    if RETRIEVAL_SCORE in frame.columns:
-        spec = with_retrieval_feature(spec, train)
-    return ranker_data_from_parts(train, valid, test, spec), spec, split, None
+    split = settings.split if "ts" in columns else "random"
+    transform = retrieval_transform(ctx, settings, columns)
+    with scratch_folder(ctx.workdir, "ranker-examples") as folder:
+        raw = split_examples_to_parquet(
+            files,
+            folder.join("raw"),
+            split,
+            settings.split_ratios,
+            settings.seed,
+            settings.chunk_rows,
+            transform,
+        )
+        empty = [name for name, rows in raw.rows.items() if rows < 2]
+        if empty:
+            reason = f"the {empty[0]} part has {raw.rows[empty[0]]} rows"
+            yield RankerInputs(None, spec, split, reason)
+            return
+        if transform is not None:
+            spec = with_retrieval_feature(spec, raw.scan("train"))
+        encoded = encode_split_examples(raw, spec, folder.join("encoded"), settings.chunk_rows)
+        raw.folder.delete_dir()
+        reason = encoded.unusable()
+        yield RankerInputs(encoded if reason is None else None, spec, split, reason)
 
 
 def ranker_spec(ctx: StepContext, model_folder: Path) -> FeatureSpec:
@@ -125,18 +177,50 @@ def _skipped(ctx: StepContext, file: str, reason: str) -> StepResult:
     return StepResult(extra={"skipped": reason})
 
 
+def scored_report(
+    scored: Scored, calibrator: TemperatureScaling | IsotonicCalibration | None
+) -> tuple[dict[str, float], Any]:
+    """CTR metrics of scored rows (calibrated when a calibrator is given) and the
+    reliability table."""
+    report = click_report(scored, "click", calibrator)
+    probabilities = click_probabilities(scored.logits["click"], calibrator)
+    _, table = expected_calibration_error(scored.labels, probabilities)
+    return report, table
+
+
 def test_report(
     model: Reranker,
     part: RankerPart,
     calibrator: TemperatureScaling | IsotonicCalibration | None,
 ) -> tuple[dict[str, float], Any]:
-    """CTR metrics of ``part`` (calibrated when a calibrator is given) and the reliability table."""
-    probabilities = click_probabilities(predict(model, part), calibrator)
-    labels = part.labels.numpy()
-    users = part.users.numpy() if part.users is not None else None
-    report = ctr_report(labels, probabilities, users=users)
-    _, table = expected_calibration_error(labels, probabilities)
-    return report, table
+    """:func:`scored_report` of an in-memory ``part``."""
+    return scored_report(score_parts(model, [part]), calibrator)
+
+
+def score_split(model: Reranker, splits: EncodedSplits, name: str, batch_rows: int) -> Scored:
+    """The model's scores of part ``name``, read from storage a batch at a time."""
+    return score_parts(model, iter_file_parts(splits.files(name), batch_rows), batch_rows)
+
+
+def sample_part(
+    splits: EncodedSplits, name: str, rows: int, seed: int, batch_rows: int
+) -> RankerPart:
+    """At most ``rows`` rows of part ``name`` drawn at random (seeded), in memory.
+
+    Each row is kept with probability ``rows / part rows``, batch by batch, so
+    memory never holds more than the sample and a batch.
+    """
+    import numpy as np
+    import torch
+
+    share = min(1.0, rows / max(1, splits.rows[name]))
+    generator = np.random.default_rng(seed)
+    kept = []
+    for part in iter_file_parts(splits.files(name), batch_rows):
+        keep = generator.random(len(part)) < share
+        kept.append(part.rows(torch.from_numpy(np.flatnonzero(keep))))
+    sample = concat_parts(kept)
+    return sample.rows(slice(0, rows))
 
 
 def tuned_settings(ctx: StepContext) -> RankerConfig:
@@ -154,17 +238,25 @@ def run_tune_ranker(ctx: StepContext) -> StepResult:
         return StepResult(extra={"skipped": "tuning off"})
     from pipelines.ranker.tuning import plot_pareto, tune_ranker
 
-    data, _, split, reason = ranker_inputs(ctx, settings)
-    if data is None:
-        return _skipped(ctx, "tuning.json", f"too little data: {reason}")
-    limit = settings.tuning.max_train_rows
-    if limit is not None:
-        data = dataclasses.replace(
-            data,
-            train=data.train.sample(limit, settings.tuning.seed),
-            valid=data.valid.sample(max(1, limit // 10), settings.tuning.seed),
-        )
     ensure_ray(ctx.config.ray)
+    with ranker_inputs(ctx, settings) as inputs:
+        if inputs.splits is None:
+            return _skipped(ctx, "tuning.json", f"too little data: {inputs.reason}")
+        # Trials train in memory on a bounded sample (tuning.max_train_rows rows, a
+        # tenth of that for validation): they compare configs, not final models.
+        limit = settings.tuning.max_train_rows
+        batch_rows = configs_from(settings)[1].eval_batch_size
+        splits, seed = inputs.splits, settings.tuning.seed
+        data = RankerData(
+            layout=splits.layout,
+            spec=column_spec(SpecColumns.of(inputs.spec)),
+            train=sample_part(splits, "train", limit, seed, batch_rows),
+            valid=sample_part(splits, "valid", max(1, limit // 10), seed, batch_rows),
+            test=sample_part(splits, "test", 0, seed, batch_rows),
+            vocabularies={},
+            numeric_stats={},
+        )
+        split = inputs.split
     storage = Path(ctx.workdir.local_path()) / "ray_results"
     run = mlflow.active_run()
     result = tune_ranker(data, settings, storage, run.info.run_id if run else None)
@@ -191,19 +283,23 @@ def run_tune_ranker(ctx: StepContext) -> StepResult:
 
 def run_train_ranker(ctx: StepContext) -> StepResult:
     settings = tuned_settings(ctx)
-    data, spec, split, reason = ranker_inputs(ctx, settings)
-    if data is None:
-        return _skipped(ctx, "ranker.json", f"too little data: {reason}")
     ensure_ray(ctx.config.ray)
     storage = Path(ctx.workdir.local_path()) / "ray_results"
-    trained = train_ranker(data, settings, storage)
-    second, second_note = second_task(settings, data.train)
-    test, reliability = test_report(trained.model, data.test, trained.calibrator)
-    uncalibrated, raw_reliability = test_report(trained.model, data.test, None)
-    # The baseline, measured in the same run on the same rows: logistic regression.
-    lr_model, lr_loop = configs_from(settings.model_copy(update={"kind": "logistic"}))
-    baseline = train_epochs(lr_model, lr_loop, data)
-    lr_test, _ = test_report(baseline.model, data.test, None)
+    with ranker_inputs(ctx, settings) as inputs:
+        if inputs.splits is None:
+            return _skipped(ctx, "ranker.json", f"too little data: {inputs.reason}")
+        splits, spec, split = inputs.splits, inputs.spec, inputs.split
+        trained = train_ranker(splits, settings, storage)
+        # The baseline, measured in the same run on the same rows by the same trainer:
+        # logistic regression.
+        baseline = train_ranker(splits, settings.model_copy(update={"kind": "logistic"}), storage)
+        batch_rows = configs_from(settings)[1].eval_batch_size
+        scored = score_split(trained.model, splits, "test", batch_rows)
+        lr_scored = score_split(baseline.model, splits, "test", batch_rows)
+    second, second_note = second_task(settings, splits.targets)
+    test, reliability = scored_report(scored, trained.calibrator)
+    uncalibrated, raw_reliability = scored_report(scored, None)
+    lr_test, _ = scored_report(lr_scored, None)
 
     out = Path(ctx.output.local_path())
     save_reranker(trained.model, out / "model", trained.calibrator)
@@ -219,11 +315,12 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
         "best_epoch": trained.best_epoch,
         "best_valid_auc": trained.best_valid_auc,
         "train_s": trained.wall_s,
-        "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
+        "logistic_train_s": baseline.wall_s,
+        "rows": {name: splits.rows[name] for name in ("train", "valid", "test")},
         "second_task": {
             "task": None if second is None else dataclasses.asdict(second),
             "note": second_note,
-            "test": None if second is None else task_report(trained.model, data.test, second),
+            "test": None if second is None else scored_task_report(scored, second),
         },
     }
     (out / "ranker.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -294,19 +391,24 @@ def run_register_ranker(ctx: StepContext) -> StepResult:
 
 
 def run_finetune_ranker(ctx: StepContext) -> StepResult:
-    from pipelines.ranker.finetune import finetune, window_split
+    from pipelines.ranker.finetune import finetune, window_start
 
     settings = tuned_settings(ctx)
     model_folder = Path(ctx.input_path("train_ranker").local_path()) / "model"
     if not model_folder.exists():
         return _skipped(ctx, "finetune.json", "no model")
     spec = ranker_spec(ctx, model_folder)
-    frame = read_examples(ctx.input_path("features")).collect()
-    if "ts" not in frame.columns:
+    examples = read_examples(ctx.input_path("features"))
+    columns = examples.collect_schema().names()
+    if "ts" not in columns:
         return _skipped(ctx, "finetune.json", "a table without time has no newest window")
-    _, window = window_split(frame, settings.finetune.window_days)
+    # Only the window is read (a streaming filter): it is the fine-tune's whole data.
+    start = window_start(examples, settings.finetune.window_days)
+    window = examples.filter(pl.col("ts") >= start).collect(engine="streaming")
     if RETRIEVAL_SCORE in spec.names:
-        window = ranker_examples(ctx, settings, window)
+        transform = retrieval_transform(ctx, settings, columns)
+        if transform is not None:
+            window = transform(window)
     # The window's first part tunes, its last part judges (validation and report).
     tune_rows, holdout, _ = split_examples(window, "temporal", (0.7, 0.3, 0.0))
     reason = unusable({"tuning": tune_rows, "holdout": holdout}, spec.labels[0])

@@ -9,8 +9,10 @@ import polars as pl
 import pytest
 
 from infra.config import RankerConfig
+from infra.storage import StoragePath
 from models.artifacts import load_reranker, save_reranker
 from pipelines.ranker.data import ColumnSpec, RankerData, prepare_ranker_data
+from pipelines.ranker.encoded import EncodedSplits, write_ranker_data
 from pipelines.ranker.trainer import train_ranker
 from serving.scoring import predict
 
@@ -44,9 +46,13 @@ def _settings(**overrides: object) -> RankerConfig:
     return RankerConfig(**{**base, **overrides})
 
 
+def _encoded(data: RankerData, folder: Path) -> EncodedSplits:
+    return write_ranker_data(data, StoragePath.from_uri(folder), chunk_rows=1000)
+
+
 def test_training_learns_keeps_the_best_epoch_calibrates_and_saves(tmp_path: Path) -> None:
     data = _data()
-    trained = train_ranker(data, _settings(), tmp_path)
+    trained = train_ranker(_encoded(data, tmp_path / "data"), _settings(), tmp_path)
     assert [h["epoch"] for h in trained.history] == [1, 2, 3]
     assert trained.best_valid_auc > 0.75
     assert trained.best_valid_auc == pytest.approx(max(h["valid_auc"] for h in trained.history))
@@ -66,7 +72,7 @@ def test_a_crashed_worker_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     data = _data()
     marker = tmp_path / "crashed"
     trained = train_ranker(
-        data,
+        _encoded(data, tmp_path / "data"),
         _settings(max_failures=1),
         tmp_path / "runs",
         fault={"crash_marker": str(marker), "crash_after_epoch": 1},

@@ -12,6 +12,7 @@ import torch
 from infra.config import RankerConfig, SecondTaskConfig
 from models.moe import RerankerConfig
 from pipelines.ranker.data import ColumnSpec, encode_splits, prepare_ranker_data
+from pipelines.ranker.encoded import target_stats
 from pipelines.ranker.loop import (
     TrainConfig,
     configs_from,
@@ -145,7 +146,7 @@ SMALL = dict(embedding_dim=4, n_experts=4, expert_hidden=(16,), expert_dim=8, ep
 
 def test_a_second_task_learns_its_target_on_the_rows_that_have_one() -> None:
     data = _with_rating(prepare_ranker_data(_synthetic(3000, seed=1), SPEC, seed=0), seed=4)
-    model_config, loop = configs_from(RankerConfig(**SMALL), data.train)
+    model_config, loop = configs_from(RankerConfig(**SMALL), target_stats(data.train))
     assert model_config.tasks == ("click", "rating")
     assert [t.kind for t in loop.tasks] == ["binary", "regression"]
     result = train_epochs(model_config, loop, data)
@@ -163,7 +164,7 @@ def test_a_binary_second_task_learns_value_over_its_threshold() -> None:
     settings = RankerConfig(
         **SMALL, second_task=SecondTaskConfig(kind="binary", threshold=4.0, weight=1.0)
     )
-    model_config, loop = configs_from(settings, data.train)
+    model_config, loop = configs_from(settings, target_stats(data.train))
     assert loop.tasks[1].threshold == 4.0
     result = train_epochs(model_config, loop, data)
     assert task_report(result.model, data.test, loop.tasks[1])["auc"] > 0.8
@@ -171,12 +172,12 @@ def test_a_binary_second_task_learns_value_over_its_threshold() -> None:
 
 def test_the_second_task_is_left_out_with_a_reason() -> None:
     data = prepare_ranker_data(_synthetic(600, seed=1), SPEC, seed=0)
-    assert second_task(RankerConfig(), data.train) == (
+    assert second_task(RankerConfig(), target_stats(data.train)) == (
         None, "the examples have no 'rating' column"
     )  # fmt: skip
-    assert second_task(RankerConfig(second_task=None), data.train)[0] is None
+    assert second_task(RankerConfig(second_task=None), target_stats(data.train))[0] is None
     rated = _with_rating(data, seed=0, share=0.05)
-    spec, why = second_task(RankerConfig(), rated.train)
+    spec, why = second_task(RankerConfig(), target_stats(rated.train))
     assert spec is None and "fewer than min_rows=100" in why
     # Without the training part the model is the click model alone.
     assert configs_from(RankerConfig())[0].tasks == ("click",)
@@ -184,8 +185,8 @@ def test_the_second_task_is_left_out_with_a_reason() -> None:
 
 def test_regression_heads_start_at_the_training_mean() -> None:
     data = _with_rating(prepare_ranker_data(_synthetic(600, seed=1), SPEC, seed=0), seed=0)
-    model_config, loop = configs_from(RankerConfig(**SMALL), data.train)
-    model = new_reranker(data.layout, model_config, loop, data.train)
+    model_config, loop = configs_from(RankerConfig(**SMALL), target_stats(data.train))
+    model = new_reranker(data.layout, model_config, loop, target_stats(data.train))
     values = data.train.targets["rating"]
     assert float(model.heads["rating"].bias.detach()) == pytest.approx(
         float(values[~torch.isnan(values)].mean())

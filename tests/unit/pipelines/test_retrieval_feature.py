@@ -88,11 +88,11 @@ def test_a_split_that_trains_retrieval_on_the_test_period_is_refused() -> None:
 def test_the_ranker_steps_refuse_it_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from infra.storage import StoragePath
     from pipelines.step import StepContext
-    from pipelines.steps.ranker import ranker_examples
+    from pipelines.steps.ranker import retrieval_transform
 
     config = load_config("tiny", ["models.ranker.retrieval_score=true"], environ={})
     ctx = StepContext(
         config, "test", StoragePath.from_uri(tmp_path), StoragePath.from_uri(tmp_path), {}, "test"
     )
     with pytest.raises(ValueError, match="models.ranker.retrieval_score: models.split.kind"):
-        ranker_examples(ctx, config.models.ranker, _frame())
+        retrieval_transform(ctx, config.models.ranker, _frame().columns)
