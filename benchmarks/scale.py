@@ -24,7 +24,7 @@ child's wall seconds, start-up included), ``peak_pss_mb`` (the largest sum of
 PSS over the tree in one sample), ``max_process_mb`` and ``max_process`` (the
 largest PSS of a single process, and which: ``rayrec`` is the driver,
 ``ray::…`` Ray's workers), ``s_per_million_events`` (``total_s`` per million
-events), ``spilled_mb`` (bytes Ray spilled: the files that appeared in the
+events, of a completed run only), ``spilled_mb`` (bytes Ray spilled: the files that appeared in the
 session's spill folder, each at its largest, or the raylet's own logged total
 when that is larger; a file written and deleted within one sample can be
 missed, so a lower bound), ``spill_peak_mb`` (the most on disk at once),
@@ -266,6 +266,7 @@ def report_size(run: SizeRun) -> dict[str, Any]:
     ingest = next((s for s in record_steps if s["name"] == "ingest"), None)
     counts = ingest["row_counts"] if ingest else run.logged_rows.get("ingest", {})
     events = int(counts.get("events", 0))
+    completed = run.code == 0 and not run.killed_for
     whole = Peak()
     for peak in run.peaks.values():
         whole.samples += peak.samples
@@ -294,10 +295,13 @@ def report_size(run: SizeRun) -> dict[str, Any]:
         "peak_pss_mb": _mib(whole.pss),
         "max_process_mb": _mib(whole.process_pss),
         "max_process": whole.process,
-        "s_per_million_events": round(run.seconds / (events / 1e6), 2) if events else None,
+        # Only of a finished run: a failed one stopped early and would look fast.
+        "s_per_million_events": (
+            round(run.seconds / (events / 1e6), 2) if events and completed else None
+        ),
         "spilled_mb": _mib(run.spilled),
         "spill_peak_mb": _mib(run.spill_peak),
-        "completed": run.code == 0 and not run.killed_for,
+        "completed": completed,
         "code": run.code,
         "killed_for": run.killed_for,
         "quality": {q["key"]: q["value"] for q in run.summary["quality"]} if run.summary else {},

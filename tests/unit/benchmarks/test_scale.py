@@ -112,3 +112,24 @@ def test_peak_charges_the_largest_process(scale: ModuleType) -> None:
     peak.add([ProcessMemory(1, "rayrec", 300, 900), ProcessMemory(2, "ray::Worker", 500, 900)])
     peak.add([ProcessMemory(1, "rayrec", 100, 900)])
     assert (peak.pss, peak.process_pss, peak.process, peak.samples) == (800, 500, "ray::Worker", 2)
+
+
+def test_a_killed_run_reports_its_logged_steps_and_no_speed(scale: ModuleType) -> None:
+    run = scale.SizeRun(
+        multiplier=4.0,
+        seconds=100.0,
+        code=-9,
+        killed_for="timeout",
+        peaks={"ingest": scale.Peak(pss=2**30, process_pss=2**29, process="rayrec", samples=3)},
+        logged_steps={"ingest": ["ran", 12.0], "train_ranker": ["running", None]},
+        logged_rows={"ingest": {"events": 1_000_000, "users": 10, "items": 5}},
+    )
+    size = scale.report_size(run)
+    assert (size["events"], size["completed"], size["s_per_million_events"]) == (
+        1_000_000,
+        False,
+        None,
+    )
+    assert size["peak_pss_mb"] == 1024.0 and size["max_process_mb"] == 512.0
+    assert size["steps"]["ingest"]["seconds"] == 12.0
+    assert size["steps"]["train_ranker"]["status"] == "running"
