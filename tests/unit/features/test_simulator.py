@@ -160,7 +160,7 @@ def test_logged_clicks_are_calibrated_to_the_ground_truth() -> None:
 def test_respond_matches_the_click_model_in_expectation() -> None:
     sim = ClickLogSimulator(make_config())
     rng = np.random.default_rng(3)
-    users = rng.integers(0, sim.config.n_users, 50)
+    users = rng.integers(0, sim.config.world_size.n_users, 50)
     slates = np.stack([rng.choice(sim.n_live_items(2), 5, replace=False) for _ in users])
     p = sim.click_probability(users, slates, day=2)
     # The model's structure: examine(position) * relevance, exactly.
@@ -226,8 +226,10 @@ def test_covariate_drift_brings_a_new_segment_with_its_traffic_share() -> None:
     _, sim = _drifted("covariate", 2, strength=0.3)
     new_segment = f"s{sim.config.n_user_segments}"
     new_users = sim.users.filter(pl.col("segment") == new_segment)
-    assert new_users.height == round(0.3 * sim.config.n_users)  # 90 users, ids after the base
-    assert new_users["user_id"].min() == sim.config.n_users
+    assert new_users.height == round(
+        0.3 * sim.config.world_size.n_users
+    )  # 90 users, ids after the base
+    assert new_users["user_id"].min() == sim.config.world_size.n_users
     imps = impressions(all_events(sim)).with_columns(
         day=pl.Series(day_of(impressions(all_events(sim)), sim)),
         new=pl.col("user_id").is_in(new_users["user_id"].implode()),

@@ -17,7 +17,7 @@ def test_every_preset_loads(preset: str) -> None:
 
 def test_tiny_is_smaller_than_default_is_smaller_than_large() -> None:
     sizes = [
-        load_config(p, environ={}).simulator.impressions_per_day
+        load_config(p, environ={}).simulator.world_size.impressions_per_day
         for p in ("tiny", "default", "large")
     ]
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
