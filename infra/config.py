@@ -484,10 +484,11 @@ class RankerTuningConfig(Section):
     asha: bool = True
     grace_period: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=3, ge=2)
-    # Trials train on at most this many training rows (a seeded sample; None:
-    # all) and validate on at most a tenth of it: a search ranks configs, and on
-    # 2 cores the whole default log lets one trial use the whole budget.
-    max_train_rows: int | None = Field(default=200_000, ge=1)
+    # Trials train on at most this many training rows (a seeded sample, held in
+    # each trial's memory) and validate on at most a tenth of it: a search ranks
+    # configs, and on 2 cores the whole default log lets one trial use the whole
+    # budget. Always a bound: trials do not stream, so it is what bounds them.
+    max_train_rows: int = Field(default=200_000, ge=1)
     # Keys are models.ranker fields (``finetune.lora_rank`` for the nested one).
     space: dict[str, SearchDimension] = Field(default_factory=_default_search_space)
     seed: int = 0

@@ -34,7 +34,14 @@ from models.moe import Reranker, RerankerConfig
 from models.optimizers import SparseDenseAdam
 from models.ranking_task import RankingLoss, RankingTask, TaskSpec
 from pipelines.ranker.data import RankerData
-from pipelines.ranker.encoded import EncodedSplits, TargetStats, part_from_table, target_stats
+from pipelines.ranker.encoded import (
+    EncodedSplits,
+    TargetStats,
+    concat_parts,
+    iter_file_parts,
+    part_from_table,
+    target_stats,
+)
 from serving.encoding import RankerPart
 from serving.scoring import to_device
 
@@ -433,20 +440,101 @@ def train_epochs(
     data: RankerData,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
-    """Train a fresh :class:`Reranker` on ``data.train``; keep the best epoch by validation AUC.
+    """Train a fresh :class:`Reranker` on in-memory ``data.train`` (benchmarks on
+    MovieLens-100K, tests); keep the best epoch by validation AUC.
 
     Trains ``train_config.tasks`` (the click alone by default).
     """
-    torch.manual_seed(train_config.seed)
-    model = new_reranker(data.layout, model_config, train_config, target_stats(data.train))
-    optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     generator = torch.Generator().manual_seed(train_config.seed)
+    return _train_fresh(
+        model_config,
+        train_config,
+        data.layout,
+        target_stats(data.train),
+        memory_batches(data.train, train_config.batch_size, generator),
+        lambda: [data.valid],
+        on_epoch,
+    )
+
+
+def train_streamed(
+    model_config: RerankerConfig,
+    train_config: TrainConfig,
+    splits: EncodedSplits,
+    shuffle_rows: int,
+) -> TrainResult:
+    """:func:`train_epochs` in this process, reading encoded examples from storage.
+
+    For a small model beside the main one (the logistic baseline): no Ray
+    Train start-up, and memory holds a shuffle buffer of ``shuffle_rows`` rows
+    (files in a seeded random order per epoch, rows mixed within the buffer)
+    and a validation batch, never a part.
+    """
+    generator = torch.Generator().manual_seed(train_config.seed)
+    files = splits.files("train")
+
+    def batches(epoch: int) -> Iterator[RankerPart]:
+        order = torch.randperm(len(files), generator=generator).tolist()
+        parts = iter_file_parts(
+            [files[i] for i in order], max(shuffle_rows, train_config.batch_size)
+        )
+        return shuffled_batches(parts, train_config.batch_size, shuffle_rows, generator)
+
+    return _train_fresh(
+        model_config,
+        train_config,
+        splits.layout,
+        splits.targets,
+        batches,
+        lambda: iter_file_parts(splits.files("valid"), train_config.eval_batch_size),
+    )
+
+
+def shuffled_batches(
+    parts: Iterable[RankerPart], batch_size: int, buffer_rows: int, generator: torch.Generator
+) -> Iterator[RankerPart]:
+    """Batches of ``batch_size`` rows from ``parts``, mixed within buffers of at least
+    ``buffer_rows`` rows (0: in the order read); the last batch may be short."""
+    pending: list[RankerPart] = []
+    held = 0
+
+    def drain(final: bool) -> Iterator[RankerPart]:
+        nonlocal pending, held
+        buffer = concat_parts(pending)
+        buffer = buffer.rows(torch.randperm(len(buffer), generator=generator))
+        whole = len(buffer) if final else len(buffer) - len(buffer) % batch_size
+        for start in range(0, whole, batch_size):
+            yield buffer.rows(slice(start, min(start + batch_size, whole)))
+        rest = buffer.rows(slice(whole, len(buffer)))
+        pending, held = ([rest] if len(rest) else []), len(rest)
+
+    for part in parts:
+        pending.append(part)
+        held += len(part)
+        if held >= max(buffer_rows, batch_size):
+            yield from drain(final=False)
+    if held:
+        yield from drain(final=True)
+
+
+def _train_fresh(
+    model_config: RerankerConfig,
+    train_config: TrainConfig,
+    layout: Any,
+    targets: Mapping[str, TargetStats],
+    train_batches: BatchSource,
+    valid: PartSource,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    torch.manual_seed(train_config.seed)
+    model = new_reranker(layout, model_config, train_config, targets)
+    optimizer = SparseDenseAdam(model, lr=train_config.lr, weight_decay=train_config.weight_decay)
     start = time.perf_counter()
     state = run_epochs(
         model,
         optimizer,
-        memory_batches(data.train, train_config.batch_size, generator),
-        lambda: [data.valid],
+        train_batches,
+        valid,
         EpochState(),
         epochs=train_config.epochs,
         patience=train_config.patience,

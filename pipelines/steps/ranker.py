@@ -1,18 +1,24 @@
 """Reranker steps: tune, train, register and fine-tune the MoE reranker on the published examples.
 
 ``tune_ranker``      Ray Tune (ASHA + Optuna TPE) over ``models.ranker.tuning.space``
-                     on the same split; trials are MLflow child runs; publishes
+                     on a seeded sample of the same split (at most
+                     ``tuning.max_train_rows`` rows, in memory: trials compare
+                     configs); trials are MLflow child runs; publishes
                      the best config, every trial's row and the Pareto plot.
                      Off (a "skipped" record) unless ``tuning.enabled``.
 ``train_ranker``     the ``features`` step's examples and feature spec (and the
                      tuned config, when there is one) -> split
                      (``models.ranker.split``; random for tables without time)
-                     -> Ray Train (the click and, when the examples hold
-                     enough of its target, ``models.ranker.second_task``, e.g.
-                     the rating: its own gate and head) -> calibration on
-                     validation -> test CTR metrics beside a logistic-regression
-                     baseline trained in the same run on the same rows, and the
-                     second task's test metrics; publishes ``model/``
+                     and encoded a chunk at a time into a scratch folder of the
+                     workdir (:mod:`pipelines.ranker.encoded`) -> Ray Train
+                     reading them as Ray Data datasets (the click and, when the
+                     examples hold enough of its target,
+                     ``models.ranker.second_task``, e.g. the rating: its own
+                     gate and head) -> calibration on validation -> test CTR
+                     metrics beside a logistic-regression baseline trained on
+                     the same rows (streamed from the same files in this
+                     process), and the second task's
+                     test metrics, all scored a batch at a time; publishes ``model/``
                      (weights + calibrator), ``ranker.json``, the per-epoch
                      history and plots.
 ``register_ranker``  the model and its feature spec to MLflow (a nested run with
@@ -64,6 +70,7 @@ from pipelines.ranker.loop import (
     score_parts,
     scored_task_report,
     second_task,
+    train_streamed,
 )
 from pipelines.ranker.plots import plot_history, plot_reliability
 from pipelines.ranker.registry import log_reranker
@@ -290,9 +297,10 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
             return _skipped(ctx, "ranker.json", f"too little data: {inputs.reason}")
         splits, spec, split = inputs.splits, inputs.spec, inputs.split
         trained = train_ranker(splits, settings, storage)
-        # The baseline, measured in the same run on the same rows by the same trainer:
-        # logistic regression.
-        baseline = train_ranker(splits, settings.model_copy(update={"kind": "logistic"}), storage)
+        # The baseline, measured in the same run on the same rows: logistic regression,
+        # streamed from the same files in this process (no Ray Train start-up for it).
+        lr_model, lr_loop = configs_from(settings.model_copy(update={"kind": "logistic"}))
+        baseline = train_streamed(lr_model, lr_loop, splits, settings.shuffle_buffer_rows)
         batch_rows = configs_from(settings)[1].eval_batch_size
         scored = score_split(trained.model, splits, "test", batch_rows)
         lr_scored = score_split(baseline.model, splits, "test", batch_rows)
@@ -315,7 +323,7 @@ def run_train_ranker(ctx: StepContext) -> StepResult:
         "best_epoch": trained.best_epoch,
         "best_valid_auc": trained.best_valid_auc,
         "train_s": trained.wall_s,
-        "logistic_train_s": baseline.wall_s,
+        "logistic_train_s": baseline.seconds,
         "rows": {name: splits.rows[name] for name in ("train", "valid", "test")},
         "second_task": {
             "task": None if second is None else dataclasses.asdict(second),
