@@ -22,6 +22,7 @@ item side one per shown row (the mix of items shown, popularity included).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +35,7 @@ from infra.logs import get_logger
 from infra.publish import Published
 from models.artifacts import load_two_tower
 from models.two_tower import TwoTowerModel
-from monitoring.columns import sample_rows
+from monitoring.columns import ScanRows
 from monitoring.embeddings import (
     EMBEDDING_TEST,
     RECALL_TEST,
@@ -61,12 +62,12 @@ ANN_CHECK = "ann_recall"
 EMBEDDING_COLUMNS = ("user_id", "item_id", "user_history")
 
 
-def _embeddable(frame: pl.DataFrame) -> bool:
-    return all(column in frame.columns for column in EMBEDDING_COLUMNS)
+def _embeddable(columns: Sequence[str]) -> bool:
+    return all(column in columns for column in EMBEDDING_COLUMNS)
 
 
 def reference_embeddings(
-    rows: pl.DataFrame,
+    rows: ScanRows,
     noise_rows: pl.DataFrame | None,
     train_retrieval: Published | None,
     config: RayrecConfig,
@@ -74,8 +75,9 @@ def reference_embeddings(
 ) -> EmbeddingReference | None:
     """The embedding reference of ``rows`` (the reference period's rows), with the noise of
     ``noise_rows`` (a sample of warm history days; None: not measured, the floor
-    decides). None when no two-tower was trained or the rows lack its inputs."""
-    if train_retrieval is None or not _embeddable(rows):
+    decides). None when no two-tower was trained or the rows lack its inputs. Only the
+    sampled rows are read."""
+    if train_retrieval is None or not _embeddable(rows.columns):
         return None
     folder = Path(train_retrieval.path.local_path()) / "model"
     if not folder.exists():
@@ -94,24 +96,30 @@ def reference_embeddings(
     return EmbeddingReference(vectors, noise, {EMBEDDING_STEP: train_retrieval.version})
 
 
+def request_keys(columns: Sequence[str]) -> list[str]:
+    """What tells requests apart (``request_id``; else user and ``ts``): the user side
+    judges the queries the two-tower answered, one vector each. A slate's rows share
+    one user vector, so an impression-weighted sample puts copies of a vector on both
+    sides of the classifier's split: healthy days then told apart at AUC ~0.7 in the
+    tiny world (0.66 one per request; one per active user-day leaves too few)."""
+    return ["request_id"] if "request_id" in columns else ["user_id", "ts"]
+
+
 def requests(frame: pl.DataFrame) -> pl.DataFrame:
-    """One row per request (``request_id``; else per user and ``ts``): the user side judges
-    the queries the two-tower answered, one vector each. A slate's rows share one
-    user vector, so an impression-weighted sample puts copies of a vector on both
-    sides of the classifier's split: healthy days then told apart at AUC ~0.7 in
-    the tiny world (0.66 one per request; one per active user-day leaves too few)."""
-    keys = ["request_id"] if "request_id" in frame.columns else ["user_id", "ts"]
-    return frame.filter(pl.int_range(pl.len()).over(keys) == 0)
+    """One row per request (the first of its rows; :func:`request_keys`)."""
+    return frame.filter(pl.int_range(pl.len()).over(request_keys(frame.columns)) == 0)
 
 
 def side_vectors(
-    model: TwoTowerModel, frame: pl.DataFrame, rows: int, history_length: int, seed: int | list[int]
+    model: TwoTowerModel, frame: ScanRows, rows: int, history_length: int, seed: int | list[int]
 ) -> dict[str, np.ndarray]:
     """``{"user": (U, D), "item": (I, D)}``: the user vectors of at most ``rows`` sampled
-    requests (:func:`requests`) and the item vectors of at most ``rows`` sampled rows
-    (impression-weighted: the mix of items shown is what moves)."""
-    users = row_vectors(model, sample_rows(requests(frame), rows, seed), history_length)
-    items = row_vectors(model, sample_rows(frame, rows, seed), history_length)
+    requests (:func:`request_keys`, the first row of each) and the item vectors of at
+    most ``rows`` sampled rows (impression-weighted: the mix of items shown is what
+    moves). Reads the sampled rows (and the request keys) only."""
+    requested = frame.first_of(request_keys(frame.columns))
+    users = row_vectors(model, requested.sample(rows, seed), history_length)
+    items = row_vectors(model, frame.sample(rows, seed), history_length)
     return {"user": users.user, "item": items.item}
 
 
@@ -125,7 +133,7 @@ def _not_judged(reason: str) -> list[Verdict]:
 def embedding_checks(
     config: RayrecConfig,
     reference: EmbeddingReference | None,
-    window: pl.DataFrame,
+    window: ScanRows,
     seed: int,
 ) -> list[Verdict]:
     """``user_embedding``, ``item_embedding`` and ``ann_recall`` of ``window`` (the window's
@@ -133,7 +141,7 @@ def embedding_checks(
     settings = config.monitoring.embeddings
     if reference is None:
         return _not_judged("the reference profile has no embeddings (no two-tower was trained)")
-    if not _embeddable(window):
+    if not _embeddable(window.columns):
         return _not_judged(f"the examples lack {list(EMBEDDING_COLUMNS)}")
     version = reference.model.get(EMBEDDING_STEP, "")
     folder = step_output(config, EMBEDDING_STEP).root.join(version, "model")

@@ -58,11 +58,13 @@ import datetime as dt
 import io
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import polars as pl
 
 from features.dataset import read_events, read_examples
@@ -70,7 +72,7 @@ from features.event_log import EventLog, prediction_log_root
 from features.feature_spec import SPEC_FILE, FeatureSpec
 from features.schemas import PREDICTIONS
 from features.training_frame import has_impressions
-from infra.config import DriftTestConfig, MonitoringConfig, RayrecConfig
+from infra.config import DriftTestConfig, MonitoringConfig, RayrecConfig, SketchConfig
 from infra.errors import RayrecError
 from infra.logs import get_logger
 from infra.publish import Published, VersionedOutput
@@ -87,7 +89,7 @@ from monitoring.alerts import (
     Finding,
     Window,
 )
-from monitoring.columns import sample_rows
+from monitoring.columns import ROW, ScanRows
 from monitoring.concept import ConceptResult, concept_day_noise, concept_drift, noise_key
 from monitoring.drift import DriftResult, data_drift, day_noise, prediction_drift
 from monitoring.embeddings import EMBEDDING_TEST, RECALL_TEST, EmbeddingReference
@@ -103,6 +105,7 @@ from monitoring.sketch_checks import (
 from monitoring.verdict import Verdict, noise_threshold, not_judged
 from monitoring.workspace import add_reports, workspace_path
 from pipelines.embedding_checks import embedding_checks
+from pipelines.ranker.encoded import temporal_cuts
 from pipelines.ranker.retrieval_feature import with_retrieval_score
 from pipelines.runner import published, step_output
 from serving.encoding import RETRIEVAL_SCORE, encode_examples
@@ -315,9 +318,37 @@ def _sketched_events(folder: StoragePath, start: dt.datetime, end: dt.datetime) 
     return events.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
 
 
-def events_between(folder: StoragePath, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
-    """``user_id, item_id, ts`` of :func:`_sketched_events`."""
-    return _sketched_events(folder, start, end).select("user_id", "item_id", "ts").collect()
+def sketches_of_days(
+    events: pl.LazyFrame, days: Sequence[dt.date], sketches: SketchConfig
+) -> pl.DataFrame:
+    """:func:`~monitoring.sketch_checks.day_sketches` of ``events`` on ``days``, one UTC day
+    at a time: a sketch is per day anyway, so a day's ``user_id, item_id, ts`` is all
+    that is ever in memory, not the period's (14 days of a 25M-event log)."""
+    built = [
+        day_sketches(
+            events.filter(pl.col("ts").dt.date() == day)
+            .select("user_id", "item_id", "ts")
+            .collect(engine="streaming"),
+            sketches,
+        )
+        for day in days
+    ]
+    return pl.concat(built) if built else pl.DataFrame(schema=SKETCH_SCHEMA)
+
+
+def sketches_between(
+    folder: StoragePath, start: dt.datetime, end: dt.datetime, sketches: SketchConfig
+) -> pl.DataFrame:
+    """Per-day sketches of the validated events under ``folder`` with ``ts`` in ``[start,
+    end)`` (:func:`_sketched_events`), a day at a time."""
+    events = _sketched_events(folder, start, end)
+    days = (
+        events.select(pl.col("ts").dt.date().unique().sort().alias("day"))
+        .collect(engine="streaming")
+        .get_column("day")
+        .to_list()
+    )
+    return sketches_of_days(events, days, sketches)
 
 
 def cached_day_sketches(
@@ -335,7 +366,11 @@ def cached_day_sketches(
     cache = StoragePath.from_uri(config.paths.workdir).join("monitoring", SKETCH_CACHE)
     in_range = _sketched_events(folder, start, end)
     counts = (
-        in_range.group_by(pl.col("ts").dt.date().alias("day")).len().sort("day").collect().rows()
+        in_range.group_by(pl.col("ts").dt.date().alias("day"))
+        .len()
+        .sort("day")
+        .collect(engine="streaming")
+        .rows()
     )
     kept: list[pl.DataFrame] = []
     missing: list[dt.date] = []
@@ -348,12 +383,7 @@ def cached_day_sketches(
                 continue
         missing.append(day)
     if missing:
-        rows = (
-            in_range.filter(pl.col("ts").dt.date().is_in(missing))
-            .select("user_id", "item_id", "ts")
-            .collect()
-        )
-        built = day_sketches(rows, config.features.sketches)
+        built = sketches_of_days(in_range, missing, config.features.sketches)
         for day, count in counts:
             if day not in missing:
                 continue
@@ -508,10 +538,11 @@ def run_monitoring(
     examples = read_examples(features.path)
     if "ts" not in examples.collect_schema().names():
         raise MonitoringError("the examples have no ts column: a table without time has no windows")
-    newest = examples.select(pl.col("ts").max()).collect().item()
+    newest = examples.select(pl.col("ts").max()).collect(engine="streaming").item()
     window = window_bounds(newest, window_end, days)
     assert window.start is not None and window.end is not None
-    rows = examples.filter((pl.col("ts") >= window.start) & (pl.col("ts") < window.end)).collect()
+    # Row numbers, not rows: only the samples the checks judge are read.
+    rows = ScanRows.of(examples, (pl.col("ts") >= window.start) & (pl.col("ts") < window.end))
     record = MonitorRecord(window, days, {"window": rows.height}, [], [])
     record.details["reference"] = {
         "rows": profile.rows,
@@ -529,7 +560,7 @@ def run_monitoring(
         record.reason = "no examples in the window"
     else:
         scorer = scorer_of_reference(config, meta["scored_with"])
-        current = scorer.score(sample_rows(rows, settings.max_window_rows, [seed, 0]))
+        current = scorer.score(rows.sample(settings.max_window_rows, [seed, 0]))
         record.rows["used"] = current.height
         results, concept = judge_window(profile, current, settings, seed)
         record.details["concept_min_change"] = concept_min_change(profile, settings)
@@ -874,25 +905,69 @@ def _track(
                 mlflow.log_artifact(file.path, "monitoring/reports")
 
 
+def held_out_rows(
+    examples: pl.LazyFrame, split: str, ratios: Sequence[float], seed: int
+) -> pl.Expr:
+    """The filter of the reranker's held-out part (valid + test) of the ``features``
+    examples, as ``train_ranker`` split them (:mod:`pipelines.ranker.encoded`), over a
+    scan with row numbers (:data:`~monitoring.columns.ROW`, :class:`ScanRows`).
+
+    ``temporal``: ``ts`` from the valid cut on (:func:`~pipelines.ranker.encoded.temporal_cuts`,
+    a streaming pass: the cuts ``split_examples`` makes). ``random``: the seeded hash of
+    the row's number in the table against the first ratio, the rows
+    ``pipelines.ranker.encoded._part_of_rows`` puts in valid or test (a test pins the two
+    together). A filter, not rows: the held-out part is a fifth of the log.
+    """
+    if split == "random":
+        uniform = pl.col(ROW).cast(pl.UInt64).hash(seed).cast(pl.Float64) / float(2**64)
+        return uniform >= float(np.cumsum(ratios)[0])
+    valid_cut, _ = temporal_cuts(examples.select("ts"), ratios)
+    return pl.lit(False) if valid_cut is None else pl.col("ts") >= valid_cut
+
+
+@dataclass(frozen=True)
+class Period:
+    """A reference period: its first midnight, the last ``ts`` of its rows, and the log's
+    age in days at its start."""
+
+    start: dt.datetime
+    end: dt.datetime
+    log_age_days: float
+
+
 def reference_period(
-    frame: pl.DataFrame, log_start: dt.datetime, days: int | None
-) -> tuple[pl.DataFrame, float]:
-    """The rows of ``frame`` in its last ``days`` UTC days (all of it when None or when it
-    is shorter; a partial first day left out), and the log's age in days where they start (from the UTC
-    midnight of ``log_start``, the log's first row): what says which windowed
-    counts had filled up (:func:`monitoring.columns.judged_columns`)."""
-    earliest = frame.select(pl.col("ts").min()).item()
+    frame: pl.LazyFrame, log_start: dt.datetime, days: int | None
+) -> Period | None:
+    """The reference period of ``frame``'s rows: their last ``days`` UTC days (all of them
+    when None or when they span fewer; a partial first day left out), and the log's age
+    in days where it starts (from the UTC midnight of ``log_start``, the log's first
+    row): what says which windowed counts had filled up
+    (:func:`monitoring.columns.judged_columns`). None when ``frame`` has no rows.
+
+    One streaming aggregate (first and last ``ts``): the rows stay on storage.
+    """
+    earliest, latest = (
+        frame.select(pl.col("ts").min().alias("first"), pl.col("ts").max().alias("last"))
+        .collect(engine="streaming")
+        .row(0)
+    )
+    if earliest is None:
+        return None
     first = _midnight(earliest)
-    if _utc(earliest) > first and frame.filter(pl.col("ts") >= first + DAY).height:
+    if _utc(earliest) > first and _utc(latest) >= first + DAY:
         # A split cuts at a row, not at midnight: a partial first day has another
         # mix of hours and smaller daily counts, so it starts at the next midnight.
         first += DAY
     start = first
     if days is not None:
-        last = _midnight(frame.select(pl.col("ts").max()).item())
-        start = max(first, last - (days - 1) * DAY)
-    age = (start - _midnight(log_start)) / DAY
-    return frame.filter(pl.col("ts") >= start), age
+        start = max(first, _midnight(latest) - (days - 1) * DAY)
+    return Period(start, _utc(latest), (start - _midnight(log_start)) / DAY)
+
+
+def log_start(examples: pl.LazyFrame) -> dt.datetime:
+    """The first ``ts`` of the examples (a streaming aggregate)."""
+    first: dt.datetime = examples.select(pl.col("ts").min()).collect(engine="streaming").item()
+    return first
 
 
 def _midnight(value: dt.datetime) -> dt.datetime:
@@ -901,37 +976,42 @@ def _midnight(value: dt.datetime) -> dt.datetime:
 
 
 def reference_from_examples(
-    frame: pl.DataFrame,
+    reference: ScanRows,
     scorer: Scorer,
     rows: int,
     seed: int,
     *,
-    log_age_days: float | None = None,
+    period: Period | None = None,
     window_days: int = 1,
     drift: DriftTestConfig | None = None,
-    history: pl.DataFrame | None = None,
+    history: pl.LazyFrame | None = None,
     reference_days: int | None = None,
 ) -> ReferenceProfile:
-    """The profile of ``rows`` rows drawn from ``frame`` (the reranker's held-out part
-    in its reference period: :func:`reference_period`), with its day-to-day noise
-    per column when ``drift`` is given and the rows have time.
+    """The profile of ``rows`` rows drawn from ``reference`` (the reranker's held-out part
+    in its reference ``period``: :func:`reference_period`; None for a table without
+    time), with its day-to-day noise per column when ``drift`` is given and the rows
+    have time.
 
-    The noise is measured on ``history`` when given (the examples up to the end of
-    ``frame``; its last ``reference_days`` days from the first where every judged
-    windowed count had filled up), a sample of ``drift.noise_rows`` rows a day
-    scored by the same models: more days than the held-out part has give a
-    steadier maximum, and a model scores its training days with the same bias
-    each day, so their differences are still the days' own. Else on ``frame``.
+    The noise is measured on ``history`` when given (the examples; their days up to
+    the end of the reference, the last ``reference_days`` from the first where every
+    judged windowed count had filled up: :func:`noise_days`), a sample of
+    ``drift.noise_rows`` rows a day scored by the same models: more days than the
+    held-out part has give a steadier maximum, and a model scores its training days
+    with the same bias each day, so their differences are still the days' own. Else on
+    the sampled reference rows. Only sampled rows are read.
     """
-    scored = scorer.score(sample_rows(frame, rows, seed))
+    scored = scorer.score(reference.sample(rows, seed))
+    log_age_days = None if period is None else period.log_age_days
     profile = ReferenceProfile.build(
         scored, scorer.spec, rows, seed, log_age_days=log_age_days, window_days=window_days
     )
     noise: dict[str, float] = {}
     if drift is not None and "ts" in scored.columns:
         days = scored
-        if history is not None:
-            warm = noise_days(history, profile, scorer.spec, frame, reference_days, drift, seed)
+        if history is not None and period is not None:
+            warm = noise_days(
+                history, profile, scorer.spec, period.end, reference_days, drift, seed
+            )
             if warm is not None:
                 days = scorer.score(warm)
         noise = day_noise(
@@ -942,32 +1022,36 @@ def reference_from_examples(
             noise.update(
                 concept_day_noise(scored, scored.get_column("ts"), profile.labels[0], SCORE)
             )
-    return replace(profile, source_rows=frame.height, noise=noise)
+    return replace(profile, source_rows=reference.height, noise=noise)
 
 
 def noise_days(
-    history: pl.DataFrame,
+    history: pl.LazyFrame,
     profile: ReferenceProfile,
     spec: FeatureSpec,
-    reference: pl.DataFrame,
+    end: dt.datetime,
     days: int | None,
     drift: DriftTestConfig,
     seed: int,
 ) -> pl.DataFrame | None:
     """The rows the day-to-day noise is measured on: ``drift.noise_rows`` a day (seeded) of
     ``history`` from the first day where every judged windowed count had filled up
-    to the end of the ``reference`` rows, its last ``days`` days. None with fewer
-    than 3 such days or no judged feature (the reference rows' own days then)."""
+    to ``end`` (the reference rows' last ``ts``), its last ``days`` days. None with
+    fewer than 3 such days or no judged feature (the reference rows' own days then).
+
+    Streaming aggregates and a read of the sampled rows: never the days themselves.
+    """
     if not profile.features:
         return None
-    log_start = _midnight(history.select(pl.col("ts").min()).item())
+    first = _midnight(log_start(history))
     warmup = max((spec[name].warmup_days or 0) for name in profile.features)
-    end = reference.select(pl.col("ts").max()).item()
-    warm = history.filter((pl.col("ts") >= log_start + warmup * DAY) & (pl.col("ts") <= end))
-    if warm.height == 0:
+    ts = pl.col("ts")
+    warm = (ts >= first + warmup * DAY) & (ts <= end)
+    found = reference_period(history.filter(warm), first, days)
+    if found is None:
         return None
-    warm = reference_period(warm, log_start, days)[0]
-    count = warm.select(pl.col("ts").dt.date().n_unique()).item()
+    warm = warm & (ts >= found.start)
+    count = history.filter(warm).select(ts.dt.date().n_unique()).collect(engine="streaming").item()
     if count < 3:
         return None
-    return sample_rows(warm, drift.noise_rows * count, seed)
+    return ScanRows.of(history, warm).sample(drift.noise_rows * count, seed)

@@ -29,22 +29,23 @@ import polars as pl
 
 from features.dataset import read_examples
 from infra.errors import StepFailedError
-from monitoring.columns import sample_rows
-from monitoring.sketch_checks import day_sketches, save_sketches
+from monitoring.columns import ROW, ScanRows
+from monitoring.sketch_checks import save_sketches
 from pipelines.embedding_checks import reference_embeddings
 from pipelines.monitor import (
     PROFILE_FOLDER,
     REFERENCE_META,
     REFERENCE_STEP,
     SUMMARY_FILE,
-    events_between,
+    held_out_rows,
     load_scorer,
+    log_start,
     noise_days,
     reference_from_examples,
     reference_period,
     run_monitoring,
+    sketches_between,
 )
-from pipelines.ranker.spec_data import split_examples
 from pipelines.step import Step, StepContext, StepResult
 from pipelines.steps.ranker import tuned_settings
 
@@ -63,13 +64,16 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
     if not (Path(ctx.input_path("train_ranker").local_path()) / "model").exists():
         return _skipped(ctx, "no reranker was trained")
     settings = tuned_settings(ctx)
-    frame = read_examples(ctx.input_path("features")).collect()
-    split = settings.split if "ts" in frame.columns else "random"
-    _, valid, test = split_examples(frame, split, settings.split_ratios, settings.seed)
+    # A scan, never the table: the held-out part, its reference period and the noise
+    # days are filters and streaming aggregates; only the sampled rows are read
+    # (ScanRows), so memory follows monitoring.reference_rows and drift.noise_rows.
+    examples = read_examples(ctx.input_path("features"))
+    timed = "ts" in examples.collect_schema().names()
+    split = settings.split if timed else "random"
     # The held-out part: scores on rows the model trained on are sharper and its AUC
     # higher than on any later window, so a reference of training rows flags
     # prediction and concept drift on every healthy window.
-    held_out = pl.concat([valid, test], how="vertical_relaxed")
+    held_out = held_out_rows(examples, split, settings.split_ratios, settings.seed)
     scorer = load_scorer(
         ctx.inputs["train_ranker"],
         ctx.inputs.get("finetune_ranker"),
@@ -77,68 +81,84 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
         ctx.config.features.history_length,
     )
     assert scorer is not None
-    if held_out.height == 0:
-        return _skipped(ctx, "the reranker's held-out part (valid + test) is empty")
     monitoring = ctx.config.monitoring
-    log_age_days: float | None = None
-    if "ts" in held_out.columns:
-        held_out, log_age_days = reference_period(
-            held_out, frame.select(pl.col("ts").min()).item(), monitoring.reference_days
+    period = None
+    if timed:
+        period = reference_period(
+            examples.with_row_index(ROW).filter(held_out),
+            log_start(examples),
+            monitoring.reference_days,
         )
+        if period is not None:
+            held_out = held_out & (pl.col("ts") >= period.start)
+    # In the order split_examples gave them: by time for a temporal split, else the table's.
+    reference = ScanRows.of(examples, held_out, by="ts" if split == "temporal" else None)
+    if reference.height == 0:
+        return _skipped(ctx, "the reranker's held-out part (valid + test) is empty")
     # The retrieval score (when the spec reads it) is computed on the sampled rows
     # only (pipelines.steps.ranker.ranker_examples would score every row).
     profile = reference_from_examples(
-        held_out,
+        reference,
         scorer,
         monitoring.reference_rows,
         settings.seed,
-        log_age_days=log_age_days,
+        period=period,
         window_days=monitoring.window_days,
         drift=monitoring.drift,
-        history=frame if "ts" in frame.columns else None,
+        history=examples if timed else None,
         reference_days=monitoring.reference_days,
     )
     profile.save(ctx.output.join(PROFILE_FOLDER))
     embeddings = None
     if monitoring.embeddings.enabled:
         days = None
-        if "ts" in held_out.columns:
+        if period is not None:
             days = noise_days(
-                frame,
+                examples,
                 profile,
                 scorer.spec,
-                held_out,
+                period.end,
                 monitoring.reference_days,
                 monitoring.drift,
                 settings.seed,
             )
             if days is None:  # too few warm days: the reference's own days, when 3 or more
-                days = sample_rows(held_out, monitoring.embeddings.rows * 4, settings.seed)
+                days = reference.sample(monitoring.embeddings.rows * 4, settings.seed)
         embeddings = reference_embeddings(
-            held_out, days, ctx.inputs.get("train_retrieval"), ctx.config, settings.seed
+            reference, days, ctx.inputs.get("train_retrieval"), ctx.config, settings.seed
         )
         if embeddings is not None:
             embeddings.save(ctx.output.join(PROFILE_FOLDER))
-    period = None
+    bounds = None
     sketch_days = 0
-    if "ts" in held_out.columns:
-        bounds = held_out.select(pl.col("ts").min().alias("start"), pl.col("ts").max().alias("end"))
-        start, end = bounds.row(0)
-        period = {"start": start.isoformat(), "end": end.isoformat()}
+    if period is not None:
+        # The period's first row (its first midnight, or the held-out part's first row).
+        start = (
+            examples.with_row_index(ROW)
+            .filter(held_out)
+            .select(pl.col("ts").min())
+            .collect(engine="streaming")
+            .item()
+        )
+        bounds = {"start": start.isoformat(), "end": period.end.isoformat()}
         # The popularity head's baseline: the same days' events, as sketches.
-        events = events_between(ctx.input_path("validate"), start, end + dt.timedelta(seconds=1))
-        sketches = day_sketches(events, ctx.config.features.sketches)
+        sketches = sketches_between(
+            ctx.input_path("validate"),
+            start,
+            period.end + dt.timedelta(seconds=1),
+            ctx.config.features.sketches,
+        )
         save_sketches(sketches, ctx.output.join(PROFILE_FOLDER))
         sketch_days = sketches.height
     meta = {
         "split": split,
         "split_ratios": list(settings.split_ratios),
-        "held_out_rows": held_out.height,
+        "held_out_rows": reference.height,
         "rows": profile.rows,
         "seed": settings.seed,
-        "period": period,
+        "period": bounds,
         "sketch_days": sketch_days,
-        "log_age_days": log_age_days,
+        "log_age_days": None if period is None else period.log_age_days,
         "unjudged": profile.unjudged,
         "reranker": scorer.reranker_step,
         "scored_with": scorer.sources,
@@ -151,7 +171,7 @@ def run_reference_profile(ctx: StepContext) -> StepResult:
     }
     ctx.output.join(REFERENCE_META).write_text_atomic(json.dumps(meta, indent=2))
     return StepResult(
-        row_counts={"reference": profile.rows, "source": held_out.height},
+        row_counts={"reference": profile.rows, "source": reference.height},
         metrics={"reference_score_mean": meta["score_mean"]},
         artifacts=(REFERENCE_META, f"{PROFILE_FOLDER}/reference.json"),
         extra={"reranker": scorer.reranker_step},

@@ -62,6 +62,12 @@ pipeline measured true NDCG@10 0.494 → 0.579 (+0.085, CI +0.040, +0.134)
 and click NDCG@10 0.380 → 0.033 over 65 requests (the fine-tuned reranker
 won, so only the last ~7 hours were held out).
 
+Memory: the log is a scan, never collected. The test cut comes from per-day
+counts, the requests from a streaming per-user minimum; the drawn users'
+impressions and histories are read for them alone. What grows with the log is
+O(users of the period) and the positives' keys (three integer columns), which
+the two-tower's split needs whole (:func:`period_positives`).
+
 Publishes ``two_stage.json`` (every metric, its CI as ``<key>_ci95``, ``N``,
 ``K``, ``n_requests`` and the protocol's parameters); skips with the reason
 (``{"skipped": ...}``) for CTR tables, missing models and too few requests.
@@ -85,11 +91,11 @@ from features.dataset import dataset_kind, read_events, read_examples, read_tabl
 from features.pit import recent_positives_at
 from features.splits import make_split
 from features.training_frame import has_impressions
-from infra.config import RayrecConfig, SimulatorSourceConfig
+from infra.config import RayrecConfig, SimulatorSourceConfig, SplitConfig
 from models.artifacts import load_reranker, load_two_tower
 from models.metrics import UserItems
 from models.two_tower import PAD, history_rows
-from pipelines.ranker.spec_data import split_examples
+from pipelines.ranker.encoded import temporal_cuts
 from pipelines.ranker.two_stage import (
     TwoStageReport,
     candidate_frame,
@@ -138,37 +144,44 @@ class HeldOut:
     eligible: int
 
 
-def held_out_start(ctx: StepContext, examples_ts: pl.DataFrame) -> tuple[dt.datetime | None, str]:
+def held_out_start(ctx: StepContext, examples_ts: pl.LazyFrame) -> tuple[dt.datetime | None, str]:
     """The start of the period the judged reranker never learned from, and which reranker it is.
 
-    ``examples_ts`` the ``features`` examples' ``ts`` column. None when the
-    reranker's split holds no period out (random, or an empty test part).
+    ``examples_ts`` a scan of the ``features`` examples' ``ts`` column. None when
+    the reranker's split holds no period out (random, or an empty test part). The
+    test cut comes from per-day counts (:func:`~pipelines.ranker.encoded.temporal_cuts`,
+    the cut ``train_ranker`` made); only the fine-tune's window (``window_days``) is
+    ever read as values.
     """
     settings = tuned_settings(ctx)
     if settings.split != "temporal":
         return None, "trained"
-    _, _, test = split_examples(examples_ts, "temporal", settings.split_ratios)
-    if test.height == 0:
+    _, start = temporal_cuts(examples_ts, settings.split_ratios)
+    if start is None:
         return None, "trained"
-    start = test.get_column("ts").min()
     finetuned = Path(ctx.input_path("finetune_ranker").local_path())
     if not (finetuned / "model").exists():
-        return start, "trained"  # type: ignore[return-value]
-    from pipelines.ranker.finetune import window_split
+        return start, "trained"
+    from pipelines.ranker.finetune import window_start
 
     record = json.loads((finetuned / "finetune.json").read_text())
-    _, window = window_split(examples_ts, int(record["window_days"]))
+    since = window_start(examples_ts, int(record["window_days"]))
     # The fine-tune tuned on the window's first rows["tune"] rows by time; its holdout
     # starts at the next row's time (split_examples cuts at a row's timestamp).
-    ordered = window.get_column("ts").sort()
+    ordered = (
+        examples_ts.filter(pl.col("ts") >= since)
+        .select(pl.col("ts").sort())
+        .collect(engine="streaming")
+        .get_column("ts")
+    )
     holdout_start = ordered[int(record["rows"]["tune"])]
-    return max(start, holdout_start), "finetuned"  # type: ignore[type-var]
+    return max(start, holdout_start), "finetuned"
 
 
 def held_out_requests(
-    events: pl.DataFrame,
-    clicks: pl.DataFrame,
-    trained_pairs: pl.DataFrame,
+    events: pl.LazyFrame | pl.DataFrame,
+    clicks: pl.LazyFrame | pl.DataFrame,
+    trained_pairs: pl.LazyFrame | pl.DataFrame,
     items: pl.DataFrame,
     start: dt.datetime,
     max_requests: int = MAX_REQUESTS,
@@ -176,34 +189,44 @@ def held_out_requests(
 ) -> HeldOut:
     """Requests, judged items and exclusions of the period from ``start`` (module doc).
 
-    ``events`` the validated log; ``clicks`` its positives (``user_id, item_id,
-    ts``, :func:`~pipelines.steps.retrieval.positives`); ``trained_pairs`` the
-    positives the two-tower trained or early-stopped on (its train and valid
-    parts); ``items`` the items table (``first_seen`` is used when there).
+    ``events`` the validated log (a scan: only the period's per-user first rows
+    and the drawn users' impressions are read); ``clicks`` its positives
+    (``user_id, item_id, ts``, :func:`~pipelines.steps.retrieval.positives`; those
+    before ``start`` are not needed); ``trained_pairs`` the positives the two-tower
+    trained or early-stopped on (its train and valid parts; likewise); ``items``
+    the items table (``first_seen`` is used when there).
     """
-    clicks_log = has_impressions(events.lazy())
+    events = events.lazy()
+    clicks_log = has_impressions(events)
     rows = (
         events.filter(pl.col("event_type") == "impression")
         if clicks_log
         else events.filter(pl.col("label").is_not_null())
     )
+    # O(users of the period): one request time per user, a streaming aggregate.
     firsts = (
         rows.filter(pl.col("ts") >= start)
         .group_by("user_id")
         .agg(pl.col("ts").min().alias("request_ts"))
+        .collect(engine="streaming")
     )
-    later = clicks.join(firsts, on="user_id").filter(pl.col("ts") >= pl.col("request_ts"))
+    later = (
+        clicks.lazy().join(firsts.lazy(), on="user_id").filter(pl.col("ts") >= pl.col("request_ts"))
+    )
     # Pairs the two-tower trained on at or after the request: knowledge of that future.
     future = (
-        trained_pairs.join(firsts, on="user_id")
+        trained_pairs.lazy()
+        .join(firsts.lazy(), on="user_id")
         .filter(pl.col("ts") >= pl.col("request_ts"))
         .select("user_id", "item_id")
         .unique()
+        .collect(engine="streaming")
     )
     judged = (
         later.select("user_id", "item_id")
         .unique()
-        .join(future, on=["user_id", "item_id"], how="anti")
+        .join(future.lazy(), on=["user_id", "item_id"], how="anti")
+        .collect(engine="streaming")
     )
     # Sorted again after the joins: the draw below must be reproducible.
     eligible = firsts.join(judged.select("user_id").unique(), on="user_id", how="semi").sort(
@@ -235,15 +258,40 @@ def held_out_requests(
     exclude = [exclude_sets.items_of(row) for row in range(n)]
     shown = None
     if clicks_log:
+        # The drawn users' impressions only (at most max_requests users).
         seen = (
-            events.filter(pl.col("event_type") == "impression")
-            .join(requests, on="user_id", suffix="_request")
+            events.filter(
+                (pl.col("event_type") == "impression")
+                & (pl.col("ts") >= start)
+                & pl.col("user_id").is_in(requests.get_column("user_id").implode())
+            )
+            .select("user_id", "item_id", "ts")
+            .join(requests.lazy(), on="user_id", suffix="_request")
             .filter(pl.col("ts") >= pl.col("ts_request"))
             .select("user_id", "item_id")
             .unique()
+            .collect(engine="streaming")
         )
         shown = per_request(seen)
     return HeldOut(requests, clicked, exclude, shown, eligible.height)
+
+
+def period_positives(
+    events: pl.LazyFrame, split: SplitConfig, start: dt.datetime
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The log's positives from ``start`` on, and those of them the two-tower trained or
+    early-stopped on (its split's train and valid parts).
+
+    The split (``models.split``: random by default) is a function of every positive
+    (a seeded permutation over all of them, or global time cuts), so it is made on
+    all of them, three integer columns (24 bytes a positive, a few percent of the
+    events in a click log), never on the events; what leaves is the period's part.
+    """
+    every = positives(events)
+    made = make_split(every, split)
+    in_period = pl.col("ts") >= start
+    trained = pl.concat([made.train, made.valid.select(made.train.columns)]).filter(in_period)
+    return every.filter(in_period), trained
 
 
 def user_histories(
@@ -257,10 +305,13 @@ def user_histories(
     and as the reranker's ``retrieval_score`` feature reads it
     (:mod:`pipelines.ranker.retrieval_feature`), so the retrieval score of a
     candidate is the number that feature was trained on. Item ids the model
-    does not know (``>= n_items``) are left out.
+    does not know (``>= n_items``) are left out. Only the requests' users' events
+    are read.
     """
     rows = requests.select("user_id", "ts").with_row_index("_row")
-    recent = recent_positives_at(rows, events, length).sort("_row")
+    # A filter (not a join) keeps the log's row order, which breaks ties in ts.
+    theirs = events.filter(pl.col("user_id").is_in(requests.get_column("user_id").implode()))
+    recent = recent_positives_at(rows, theirs, length).sort("_row")
     user_ids = requests.get_column("user_id").to_numpy().astype(np.int64)
     history = np.full((int(user_ids.max()) + 1, length), PAD, dtype=np.int64)
     for user, items in zip(user_ids, recent.get_column("history").to_list(), strict=True):
@@ -342,21 +393,19 @@ def run_evaluate_two_stage(ctx: StepContext) -> StepResult:
     if not (Path(ctx.input_path("train_ranker").local_path()) / "model").exists():
         return _skipped(ctx, "no reranker")
     features = ctx.input_path("features")
-    examples_ts = read_examples(features).select("ts").collect()
-    start, which = held_out_start(ctx, examples_ts)
+    start, which = held_out_start(ctx, read_examples(features).select("ts"))
     if start is None:
         return _skipped(
             ctx, "the reranker was trained on a random split: no period is held out from it"
         )
 
-    events = read_events(data).collect()
+    # A scan, never the log: each use below filters it to what it needs.
+    events = read_events(data)
     users = read_table(data.join("users.parquet"))
     items = read_table(data.join("items.parquet"))
-    clicks = positives(events.lazy())
-    # The two-tower's own split (deterministic): what it trained and early-stopped on.
-    split = make_split(clicks, ctx.config.models.split)
-    trained_pairs = pl.concat([split.train, split.valid.select(split.train.columns)])
+    clicks, trained_pairs = period_positives(events, ctx.config.models.split, start)
     held = held_out_requests(events, clicks, trained_pairs, items, start)
+    del clicks, trained_pairs
     if held.requests.height < MIN_REQUESTS:
         return _skipped(
             ctx,
@@ -374,7 +423,7 @@ def run_evaluate_two_stage(ctx: StepContext) -> StepResult:
     if n < K:
         return _skipped(ctx, f"only {n} eligible candidates for some request, fewer than K={K}")
     history, user_ids = user_histories(
-        events.lazy(),
+        events,
         held.requests,
         ctx.config.features.history_length,
         two_tower.config.n_items,
@@ -389,7 +438,7 @@ def run_evaluate_two_stage(ctx: StepContext) -> StepResult:
     frame = candidate_frame(
         candidates,
         held.requests.get_column("ts"),
-        events.lazy(),
+        events,
         users,
         items,
         ctx.config.features,
