@@ -226,10 +226,9 @@ def test_covariate_drift_brings_a_new_segment_with_its_traffic_share() -> None:
     _, sim = _drifted("covariate", 2, strength=0.3)
     new_segment = f"s{sim.config.n_user_segments}"
     new_users = sim.users.filter(pl.col("segment") == new_segment)
-    assert new_users.height == round(
-        0.3 * sim.config.world_size.n_users
-    )  # 90 users, ids after the base
-    assert new_users["user_id"].min() == sim.config.world_size.n_users
+    n_base = sim.config.world_size.n_users
+    assert new_users.height == round(0.3 * n_base)  # 90 users, ids after the base
+    assert new_users["user_id"].min() == n_base
     imps = impressions(all_events(sim)).with_columns(
         day=pl.Series(day_of(impressions(all_events(sim)), sim)),
         new=pl.col("user_id").is_in(new_users["user_id"].implode()),
