@@ -154,7 +154,8 @@ def candidate_frame(
 
     ``request_ts`` (B,) the time of each request (``Datetime('us', 'UTC')``);
     ``events`` the log (anything at or after a request's time is ignored for
-    it); ``prior`` the training build's smoothing prior. Columns: those of
+    it; only the requests' users' and the candidates' events are read); ``prior``
+    the training build's smoothing prior. Columns: those of
     :func:`build_training_frame`, ``position`` = :data:`SCORING_POSITION`,
     ``label`` = 0.0 (placeholder), ``request_id`` = the request's row in
     ``candidates``, and :data:`RETRIEVAL_SCORE` (Float64) = each candidate's
@@ -175,7 +176,13 @@ def candidate_frame(
             "label": np.zeros(b * n),
         }
     )
-    frame = build_training_frame(rows, events, users, items, config, prior)
+    # The user side needs only the requests' users' events and the item side only the
+    # candidates' (build_training_frame's sides are per entity): the rest of the log
+    # is never read, however long it is.
+    user_ids = pl.Series(np.unique(candidates.user_ids)).implode()
+    item_ids = pl.Series(np.unique(candidates.items)).implode()
+    mine = pl.col("user_id").is_in(user_ids) | pl.col("item_id").is_in(item_ids)
+    frame = build_training_frame(rows, events.filter(mine), users, items, config, prior)
     # The frame comes back in canonical (ts, user, request, position, item) order;
     # (request_id, item_id) is unique per candidate, so it finds each row's slot
     # (and its retrieval score: not a column the training frame passes through).

@@ -11,6 +11,7 @@ import pytest
 
 from features.aggregates import CtrPrior
 from features.dataset import read_events, read_table
+from features.training_frame import build_training_frame
 from infra.config import RayrecConfig, load_config
 from infra.publish import Published
 from infra.storage import StoragePath
@@ -121,15 +122,17 @@ def test_candidates_carry_the_retrieval_score_the_reranker_feature_is_trained_on
     length = tiny_run.features.history_length
     history, users = user_histories(events.lazy(), held.requests, length, model.config.n_items)
     candidates = retrieve(model, history, users, index, 20, held.exclude)
-    prior = json.loads(features.join("prior.json").read_text())
+    prior_record = json.loads(features.join("prior.json").read_text())
+    prior = CtrPrior(prior_record["rate"], prior_record["strength"])
+    users_table = read_table(data.join("users.parquet"))
     frame = candidate_frame(
         candidates,
         held.requests.get_column("ts"),
         events.lazy(),
-        read_table(data.join("users.parquet")),
+        users_table,
         items,
         tiny_run.features,
-        CtrPrior(prior["rate"], prior["strength"]),
+        prior,
     )
     np.testing.assert_allclose(
         frame.get_column(RETRIEVAL_SCORE).to_numpy(),
@@ -137,6 +140,15 @@ def test_candidates_carry_the_retrieval_score_the_reranker_feature_is_trained_on
         rtol=0,
         atol=1e-5,
     )
+    # candidate_frame reads only the requests' users' and the candidates' events: its
+    # features are those the whole log gives (20 of the 200 items a request: the
+    # filter leaves most items' events out).
+    assert np.unique(candidates.items).size < items.height
+    rows = frame.select("user_id", "item_id", "ts", "request_id", "position", "label")
+    whole = build_training_frame(rows, events.lazy(), users_table, items, tiny_run.features, prior)
+    keys = ["request_id", "item_id"]
+    ours = frame.drop(RETRIEVAL_SCORE).sort(keys)
+    assert ours.equals(whole.select(ours.columns).sort(keys))
 
 
 def test_the_step_skips_with_the_reason(
