@@ -35,11 +35,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from features.dataset import read_events, read_table
 from features.encoding import AttributeEncoding, AttributeTable, encode_attributes
 from features.sketches.cms import cms_estimates, cms_from_events, cms_total_weight
 from features.sources.movielens import read_movielens
-from features.splits import Split, random_split, user_item_matrix
-from infra.config import RetrievalConfig, SketchConfig
+from features.splits import Split, make_split, random_split, user_item_matrix
+from infra.config import RayrecConfig, RetrievalConfig, SketchConfig
+from infra.storage import StoragePath
 from models.metrics import UserItems
 from models.two_tower import PAD
 
@@ -201,6 +203,45 @@ def write_retrieval_data(
     np.save(folder / HISTORY_FILE, recent_history(train, n_users, config.history_length))
     # Pickle: a scratch file of this run, read back by the same code version.
     (folder / META_FILE).write_bytes(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def positives(events: pl.LazyFrame) -> pl.DataFrame:
+    """Interactions to retrieve: positive events, one row per (user, item, ts)."""
+    return (
+        events.filter(pl.col("label") > 0)
+        .select("user_id", "item_id", "ts")
+        .unique(maintain_order=True)
+        .collect()
+    )
+
+
+def write_validated_split(validated: str, folder: str, config: RayrecConfig) -> None:
+    """Positives of the validated events at ``validated`` -> split -> files in ``folder``.
+
+    Runs as a Ray task in a process of its own (``pipelines.steps.retrieval``): the
+    events, their split and the CSR matrices are O(events) and live only in
+    that process, which exits when done (``max_calls=1`` hands its memory back
+    to the OS), so the driver never holds them. It lives here, not beside the
+    step, so that process imports only what writing needs.
+    """
+    data = StoragePath.from_uri(validated)
+    users = read_table(data.join("users.parquet"))
+    items = read_table(data.join("items.parquet"))
+    interactions = positives(read_events(data))
+    n_users = int(max(users["user_id"].max() or 0, interactions["user_id"].max() or 0)) + 1  # type: ignore[operator]
+    n_items = int(max(items["item_id"].max() or 0, interactions["item_id"].max() or 0)) + 1  # type: ignore[operator]
+    split = make_split(interactions, config.models.split)
+    del interactions
+    write_retrieval_data(
+        split,
+        users,
+        items,
+        n_users,
+        n_items,
+        config.models.retrieval,
+        config.features.sketches,
+        Path(folder),
+    )
 
 
 def open_retrieval_data(folder: Path) -> RetrievalData:

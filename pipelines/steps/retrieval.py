@@ -21,15 +21,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import polars as pl
 import ray
 import torch
 
-from features.dataset import dataset_kind, read_events, read_table
-from features.splits import make_split
-from infra.config import RayrecConfig
+from features.dataset import dataset_kind, read_table
 from infra.ray_runtime import ensure_ray
-from infra.storage import StoragePath
 from models.artifacts import (
     ITEM_ENCODING_FILE,
     load_item_encoding,
@@ -38,7 +34,10 @@ from models.artifacts import (
     save_two_tower,
 )
 from pipelines.retrieval.cold_start import catalogue_vectors
-from pipelines.retrieval.data import RetrievalData, open_retrieval_data, write_retrieval_data
+from pipelines.retrieval.data import RetrievalData, open_retrieval_data, write_validated_split
+
+# Re-exported: the two-stage step reads the same positives.
+from pipelines.retrieval.data import positives as positives
 from pipelines.retrieval.loop import StepInputs, popularity_report, ranking_report
 from pipelines.retrieval.plots import plot_history, plot_recall_at_k
 from pipelines.retrieval.registry import (
@@ -53,51 +52,14 @@ from pipelines.step import Step, StepContext, StepResult
 KS = (10, 20, 50, 100)
 
 
-def positives(events: pl.LazyFrame) -> pl.DataFrame:
-    """Interactions to retrieve: positive events, one row per (user, item, ts)."""
-    return (
-        events.filter(pl.col("label") > 0)
-        .select("user_id", "item_id", "ts")
-        .unique(maintain_order=True)
-        .collect()
-    )
-
-
-def write_step_data(validated: str, folder: str, config: RayrecConfig) -> None:
-    """Positives of the validated events at ``validated`` -> split -> files in ``folder``.
-
-    Runs as a Ray task in a process of its own (:func:`retrieval_data`): the
-    events, their split and the CSR matrices are O(events) and live only in
-    that process, which exits when done (``max_calls=1`` hands its memory back
-    to the OS), so the driver never holds them.
-    """
-    data = StoragePath.from_uri(validated)
-    users = read_table(data.join("users.parquet"))
-    items = read_table(data.join("items.parquet"))
-    interactions = positives(read_events(data))
-    n_users = int(max(users["user_id"].max() or 0, interactions["user_id"].max() or 0)) + 1  # type: ignore[operator]
-    n_items = int(max(items["item_id"].max() or 0, interactions["item_id"].max() or 0)) + 1  # type: ignore[operator]
-    split = make_split(interactions, config.models.split)
-    del interactions
-    write_retrieval_data(
-        split,
-        users,
-        items,
-        n_users,
-        n_items,
-        config.models.retrieval,
-        config.features.sketches,
-        Path(folder),
-    )
-
-
 def retrieval_data(ctx: StepContext, folder: Path) -> RetrievalData:
     """The step's split written into ``folder`` and opened (O(users + items) read, see
     :mod:`pipelines.retrieval.data`).
 
-    Needs Ray started: the writing runs in a one-off Ray task (:func:`write_step_data`).
+    Needs Ray started: the writing runs in a one-off Ray task
+    (:func:`pipelines.retrieval.data.write_validated_split`).
     """
-    task = ray.remote(num_cpus=1, max_calls=1)(write_step_data)
+    task = ray.remote(num_cpus=1, max_calls=1)(write_validated_split)
     ray.get(task.remote(ctx.input_path("validate").uri, str(folder), ctx.config))
     return open_retrieval_data(folder)
 
