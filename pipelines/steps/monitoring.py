@@ -239,6 +239,7 @@ REFERENCE_PROFILE = Step(
         "features.feature_spec",
         "pipelines.monitor",
         "pipelines.embedding_checks",
+        "pipelines.ranker.encoded",
         "pipelines.ranker.retrieval_feature",
         "pipelines.steps.monitoring",
         "serving.encoding",

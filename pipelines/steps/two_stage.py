@@ -555,6 +555,7 @@ EVALUATE_TWO_STAGE = Step(
         "features.history_length",
     ),
     code=(
+        "pipelines.ranker.encoded",
         "pipelines.ranker.two_stage",
         "pipelines.steps.two_stage",
         "serving.encoding",

@@ -130,3 +130,39 @@ def test_histories_are_the_positives_before_each_request_most_recent_last() -> N
     assert users.tolist() == [3, 1]
     # Rows by user id, item embedding rows (id + 1), 0 pads the end; user 2 has none.
     assert history.tolist() == [[0, 0, 0], [5, 7, 0], [0, 0, 0], [3, 0, 0]]
+
+
+def test_scans_and_the_period_positives_give_the_same_requests() -> None:
+    """The step hands held_out_requests scans and only the period's positives (and trained
+    pairs): the same requests, judged items and exclusions as the whole frames give."""
+    events = _events(
+        [
+            (1, 5, _at(10, day=DAY1), "impression", 1.0),
+            (1, 5, _at(8), "impression", 1.0),
+            (1, 6, _at(8), "impression", 0.0),
+            (1, 7, _at(9), "impression", 1.0),
+            (2, 3, _at(9, day=DAY1), "impression", 1.0),
+            (2, 8, _at(12), "impression", 1.0),
+            (3, 9, _at(7), "impression", 1.0),
+            (3, 4, _at(7, 30), "impression", 1.0),
+        ]
+    )
+    items = _items({3: _at(7, 45)})
+    clicks = positives(events.lazy())
+    trained = _pairs([(1, 5, _at(10, day=DAY1)), (1, 7, _at(9)), (2, 3, _at(9, day=DAY1))])
+    whole = held_out_requests(events, clicks, trained, items, START)
+    period = held_out_requests(
+        events.lazy(),
+        clicks.filter(pl.col("ts") >= START).lazy(),
+        trained.filter(pl.col("ts") >= START).lazy(),
+        items,
+        START,
+    )
+    assert period.requests.equals(whole.requests) and period.eligible == whole.eligible == 3
+    rows = range(whole.requests.height)
+    for got, want in ((period.clicked, whole.clicked), (period.shown, whole.shown)):
+        assert got is not None and want is not None
+        assert [got.items_of(r).tolist() for r in rows] == [want.items_of(r).tolist() for r in rows]
+    assert [sorted(e.tolist()) for e in period.exclude] == [
+        sorted(e.tolist()) for e in whole.exclude
+    ]
