@@ -1,11 +1,13 @@
 """Build the feature outputs of one dataset: the offline store and the online seed.
 
-:func:`build_features` is engine-agnostic: it takes the validated events as a
-Polars LazyFrame and returns frames; the ``polars`` engine runs it in-process,
-the ``ray`` engine (:mod:`features.ray_engine`) runs the same transforms per
-block and merges. With ``features.partitions > 1`` the ``polars`` engine runs
-:func:`build_features_out_of_core` instead: the same outputs, one entity
-partition or one day at a time, for logs larger than memory. Outputs (see
+:func:`build_features` is the ``polars`` engine, one code path for every size
+(issue 18: tiny runs the same code as a 25M-event log): the events, a Polars
+LazyFrame (a scan of the validated files), go through in entity partitions
+(``features.partitions``; ``auto`` picks enough that each holds about
+``features.events_per_partition`` events), and the examples are assembled and
+written one UTC day at a time, so no step of it holds the whole log. The
+``ray`` engine (:mod:`features.ray_engine`) runs the same per-partition
+functions on Ray Data and merges. Outputs (see
 :func:`write_feature_outputs`)::
 
     examples/date=YYYY-MM-DD/part-00000.parquet   the training frame (offline store)
@@ -22,8 +24,10 @@ partition or one day at a time, for logs larger than memory. Outputs (see
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,6 @@ from features.sketches import (
 )
 from features.training_frame import (
     assemble_by_keys,
-    build_training_frame,
     canonical_rows,
     day_bounds,
     describe_frame,
@@ -70,9 +73,9 @@ class FeatureOutputs:
     """Everything the ``features`` step publishes.
 
     ``examples`` is the training frame as a LazyFrame: over memory (the
-    in-memory and ``ray`` builds), or over the files the out-of-core build
-    already wrote below ``examples_at`` (so :func:`write_feature_outputs`
-    leaves them where they are).
+    ``ray`` engine, :func:`build_features` without a folder), or over the
+    files :func:`build_features` already wrote below ``examples_at`` (so
+    :func:`write_feature_outputs` leaves them where they are).
     """
 
     examples: pl.LazyFrame
@@ -87,6 +90,8 @@ class FeatureOutputs:
     as_of: dt.datetime
     sketches: SketchTables
     examples_at: StoragePath | None = None
+    # Entity partitions of the polars engine's build; None for the ray engine.
+    partitions: int | None = None
 
 
 def end_of_log(events: pl.LazyFrame) -> dt.datetime:
@@ -144,74 +149,86 @@ def _buckets_and_prior(
     )
 
 
-def build_features(
-    events: pl.LazyFrame, users: pl.DataFrame, items: pl.DataFrame, config: FeaturesConfig
-) -> FeatureOutputs:
-    """All feature outputs of a validated interaction dataset, in one process, in memory.
+def partition_count(events: pl.LazyFrame, config: FeaturesConfig) -> int:
+    """How many entity partitions :func:`build_features` uses for ``events``.
 
-    ``config.partitions`` is ignored here: :func:`build_features_out_of_core`
-    is the build for logs larger than memory.
+    ``config.partitions`` when it is a number; with ``auto``, enough that a
+    partition holds about ``config.events_per_partition`` events, since a
+    partition's events and examples are what the build holds at its peak. The
+    count is a streaming ``len`` of the scan (Parquet footers, no pass over
+    the rows), so the default preset stays at one partition (no extra passes)
+    and a 15x log gets as many as it needs without anyone tuning it.
     """
-    as_of, user_buckets, item_buckets, prior = _buckets_and_prior(events, config)
-    latest_user, latest_item, history = latest_values(
-        user_buckets, item_buckets, events, config, prior, as_of
-    )
-    rows = example_rows(events).collect()
-    examples = build_training_frame(rows, events, users, items, config, prior)
-    spec = describe_frame(examples, config, users.height, items.height)
-    sketches = build_sketch_tables(
-        events.select("user_id", "item_id", "ts").collect(), config.sketches
-    )
-    return FeatureOutputs(
-        examples.lazy(),
-        examples.height,
-        spec,
-        user_buckets,
-        item_buckets,
-        latest_user,
-        latest_item,
-        history,
-        prior,
-        as_of,
-        sketches,
-    )
+    if config.partitions != "auto":
+        return config.partitions
+    n = int(events.select(pl.len()).collect(engine="streaming").item())
+    return max(1, math.ceil(n / config.events_per_partition))
 
 
-def build_features_out_of_core(
+def build_features(
+    events: pl.LazyFrame,
+    users: pl.DataFrame,
+    items: pl.DataFrame,
+    config: FeaturesConfig,
+    folder: StoragePath | None = None,
+) -> FeatureOutputs:
+    """All feature outputs of a validated interaction dataset, out of core at any size.
+
+    With ``folder`` (the ``features`` step passes its staging folder) the
+    examples are written into ``folder/examples`` while they are built and
+    come back as a scan of those files; the other outputs come back in
+    memory, as they grow with the entities, not the events. Without
+    ``folder`` the same build runs in a temporary folder and the examples come
+    back in memory: for tests, benchmarks and the two-stage simulation, which
+    hand small logs over as frames. Either way it is :func:`_build_partitioned`,
+    with :func:`partition_count` partitions.
+    """
+    if folder is not None:
+        return _build_partitioned(events, users, items, config, folder)
+    with tempfile.TemporaryDirectory(prefix="rayrec-features-") as scratch:
+        outputs = _build_partitioned(events, users, items, config, StoragePath.from_uri(scratch))
+        examples = outputs.examples.collect()
+    return dataclasses.replace(outputs, examples=examples.lazy(), examples_at=None)
+
+
+# The name from when the out-of-core build was a second path beside an in-memory
+# one; benchmarks/features.py still calls it with a folder.
+build_features_out_of_core = build_features
+
+
+def _build_partitioned(
     events: pl.LazyFrame,
     users: pl.DataFrame,
     items: pl.DataFrame,
     config: FeaturesConfig,
     folder: StoragePath,
 ) -> FeatureOutputs:
-    """:func:`build_features` for logs larger than memory, in ``config.partitions`` partitions.
+    """:func:`build_features` into ``folder``, one partition or one UTC day at a time.
 
-    Writes the examples into ``folder/examples`` (the layout of
-    :func:`write_feature_outputs`) while it builds; the other outputs come
-    back in memory, as they grow with the entities, not the events. At any
-    time memory holds one entity partition of events (``user_id % P == p``,
-    then ``item_id % P == p``) with that side's features, or one UTC day of
-    examples:
+    At any time memory holds one entity partition of events (``user_id % P
+    == p``, then ``item_id % P == p``) with that side's features, or one UTC
+    day of examples:
 
-    1. buckets and prior: the streamed aggregation of :func:`build_features`;
+    1. buckets and prior: a streaming aggregation of the scan;
     2. per side and partition: collect that partition's events (a streaming
        filter of the scan), :func:`side_of_partition` (the ``ray`` engine's
        function), spill the result as Parquet, one file per UTC day;
-    3. per UTC day of the examples: that day's example rows, both sides'
-       spilled files of the day, :func:`assemble_by_keys`, write the day;
+    3. the example rows (:func:`example_rows`) streamed once into a spill
+       file, then per UTC day: that day's rows, both sides' spilled files of
+       the day, :func:`assemble_by_keys`, write the day;
     4. the spec from the written examples, day by day; the sketches day by
        day, merged; the latest histories per user partition.
 
     The canonical order starts with ``ts``, so the days written one after the
-    other hold the rows of :func:`build_features` in its order, with equal
+    other hold the rows in canonical order, and any ``P`` gives the same
     values (a test). The spill folder (in ``folder`` when it is local, where
     the disk is sized for the output, else in the system's temporary folder)
     is removed on the way out, error or not. On object storage the written
     examples are read back whole for the spec (``features.dataset`` scans
     only local folders lazily).
     """
-    partitions = config.partitions
     as_of, user_buckets, item_buckets, prior = _buckets_and_prior(events, config)
+    partitions = partition_count(events, config)
     latest_user = entity_features(user_buckets, as_of, config.windows_days, prior)
     latest_item = entity_features(item_buckets, as_of, config.windows_days, prior)
     impressions = has_impressions(events)
@@ -224,7 +241,7 @@ def build_features_out_of_core(
             for part in range(partitions):
                 mine = events.filter(pl.col(key) % partitions == part).collect(engine="streaming")
                 keyed = side_of_partition(mine, side, items, config, prior, impressions)
-                write_events_by_date(keyed, spill.join(side), part=part)
+                write_events_by_date(keyed, spill.join(side), part=part, compression="lz4")
                 if side == "user":
                     ids = latest_user.get_column("user_id")
                     histories.append(
@@ -236,8 +253,12 @@ def build_features_out_of_core(
                         )
                     )
                 del mine, keyed
+        # Streamed once: per day, a filter of this file reads that day's row groups,
+        # where a filter of example_rows(events) would redo its ratings join each day.
+        rows_file = Path(spill_dir) / "rows.parquet"
+        example_rows(events, impressions).sink_parquet(rows_file)
         n_examples = _assemble_by_day(
-            example_rows(events, impressions), spill, users, items, folder.join("examples")
+            pl.scan_parquet(rows_file), spill, users, items, folder.join("examples")
         )
     history = latest_user.select("user_id").join(
         pl.concat(histories), on="user_id", how="left", maintain_order="left"
@@ -256,6 +277,7 @@ def build_features_out_of_core(
         as_of,
         sketches_by_day(events, config),
         examples_at=folder.join("examples"),
+        partitions=partitions,
     )
 
 

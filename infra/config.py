@@ -312,10 +312,14 @@ class FeaturesConfig(Section):
     ctr_prior_strength: float = Field(default=20.0, ge=0.0)
     # Length of the recent-items sequence feature (the two-tower's user history).
     history_length: int = Field(default=20, ge=1)
-    # Entity partitions of the polars engine's point-in-time build. 1 builds in
-    # memory; P > 1 builds one user (then item) partition at a time and spills
-    # to disk, so peak memory follows 1/P of the log (data larger than memory).
-    partitions: int = Field(default=1, ge=1)
+    # Entity partitions of the polars engine's point-in-time build (features.build):
+    # one user (then item) partition at a time, spilled to disk, so peak memory
+    # follows 1/P of the log. auto: ceil(events / events_per_partition), counted
+    # from the Parquet footers; any P gives the same output.
+    partitions: int | Literal["auto"] = Field(default="auto")
+    # auto's bound. 2M keeps the default world (1.7M events) in one partition, the
+    # fastest; a 26M-event log gets 13 partitions, each about the default's size.
+    events_per_partition: int = Field(default=2_000_000, ge=1)
     sketches: SketchConfig = SketchConfig()
     online_store: OnlineStoreConfig = OnlineStoreConfig()
 

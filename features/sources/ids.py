@@ -18,12 +18,14 @@ same way, so a dataset's codes do not depend on which reader produced it:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 import polars as pl
 
 UNKNOWN_ID = -1
 EntityName = Literal["user", "item"]
+# A table in memory or a scan (a rating file too big to read at once).
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
 
 def normalise_raw_ids(raw: pl.Expr) -> pl.Expr:
@@ -53,12 +55,20 @@ def build_id_map(raw_ids: pl.Series, entity: EntityName) -> pl.DataFrame:
     )
 
 
-def encode_column(frame: pl.DataFrame, column: str, id_map: pl.DataFrame) -> pl.DataFrame:
-    """Replace raw ids in ``column`` by their codes; unknown -> ``UNKNOWN_ID``, empty -> null."""
+def encode_column(frame: Frame, column: str, id_map: pl.DataFrame) -> Frame:
+    """Replace raw ids in ``column`` by their codes; unknown -> ``UNKNOWN_ID``, empty -> null.
+
+    ``frame`` may be a LazyFrame: the lookup is a join, so a scan is encoded as it streams.
+    """
     lookup = id_map.select(pl.col("raw_id").alias("__raw"), pl.col("id").alias("__code"))
     keyed = frame.with_columns(normalise_raw_ids(pl.col(column)).alias("__raw"))
     # A left join keeps the frame's row order (and so each row's place in its file).
-    joined = keyed.join(lookup, on="__raw", how="left", maintain_order="left")
+    joined = keyed.join(  # the lookup as lazy as the frame
+        lookup.lazy() if isinstance(keyed, pl.LazyFrame) else lookup,
+        on="__raw",
+        how="left",
+        maintain_order="left",
+    )
     code = (
         pl.when(pl.col("__raw").is_null())
         .then(None)

@@ -22,7 +22,10 @@ latest/25M ``ratings.csv``: ``userId,movieId,rating,timestamp`` (header);
            ``tags.csv``: ``userId,movieId,tag,timestamp``
 ========== ================================================================
 
-Output (:class:`~features.dataset.InteractionTables`, ``ts_unit="s"``):
+Output (:class:`~features.dataset.InteractionTables`, ``ts_unit="s"``;
+:func:`load_movielens`, the ingest's reader, keeps ``events`` a LazyFrame
+over the rating file, which the ingest writes in chunks: ``ratings.csv`` of
+MovieLens-25M is never read whole; :func:`read_movielens` collects it):
 
 - ``events``: ``user_id, item_id`` (int64 codes, see :mod:`features.sources.ids`;
   ``-1`` for a raw id missing from the users/items file), ``ts`` (the raw unix
@@ -50,7 +53,7 @@ import polars as pl
 
 from features.dataset import InteractionTables
 from features.schemas import EventType
-from features.sources.ids import build_id_map, encode_column
+from features.sources.ids import Frame, build_id_map, encode_column
 from features.sources.text import local_path, read_csv_strings, read_fields, read_lines
 from infra.config import MovieLensSourceConfig
 from infra.errors import SourceError
@@ -71,15 +74,32 @@ _TITLE_YEAR = r"\((\d{4})[^()]*\)\s*$"
 _RATING_FIELDS = ["user", "item", "rating", "ts"]
 
 
-def load_movielens(config: MovieLensSourceConfig) -> InteractionTables:
-    """Read the MovieLens folder of ``config`` (any layout)."""
-    return read_movielens(config.path, positive_threshold=config.positive_threshold)
+def load_movielens(config: MovieLensSourceConfig) -> InteractionTables[pl.LazyFrame]:
+    """The MovieLens folder of ``config`` (any layout), its events a scan for the ingest."""
+    return scan_movielens(config.path, positive_threshold=config.positive_threshold)
 
 
 def read_movielens(
     path: str | Path, positive_threshold: float = 4.0, name: str | None = None
-) -> InteractionTables:
+) -> InteractionTables[pl.DataFrame]:
     """Read a MovieLens folder in any layout into canonical tables (see module doc)."""
+    tables = scan_movielens(path, positive_threshold, name)
+    return InteractionTables(
+        tables.name,
+        tables.events.collect(),
+        tables.users,
+        tables.items,
+        tables.id_map,
+        tables.ts_unit,
+    )
+
+
+def scan_movielens(
+    path: str | Path, positive_threshold: float = 4.0, name: str | None = None
+) -> InteractionTables[pl.LazyFrame]:
+    """:func:`read_movielens` with ``events`` a LazyFrame: nothing of the rating file is
+    held but its distinct users (the layouts without a user file) and, for the older
+    layouts (at most 10M rows, in ``::``-separated files Polars cannot scan), the file."""
     layout, folder = detect_layout(local_path(path))
     readers = {"100k": _read_100k, "1m": _read_dat, "10m": _read_dat, "latest": _read_latest}
     ratings, users, items = readers[layout](folder)
@@ -126,11 +146,11 @@ def _require(folder: Path, name: str) -> Path:
 
 
 # --------------------------------------------------------------------------- layouts
-# Each reader returns raw string frames: ratings (user, item, rating, ts),
+# Each reader returns raw string frames: ratings (user, item, rating, ts; lazy),
 # users (user + attributes), items (item + title, year, genres[, tags]).
 
 
-def _read_100k(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _read_100k(folder: Path) -> tuple[pl.LazyFrame, pl.DataFrame, pl.DataFrame]:
     ratings = read_fields(_require(folder, "u.data"), "\t", _RATING_FIELDS)
     users = read_fields(
         _require(folder, "u.user"), "|", ["user", "age", "gender", "occupation", "zip"]
@@ -153,7 +173,7 @@ def _read_100k(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
         ).alias("year"),
         pl.concat_list(flags).list.drop_nulls().alias("genres"),
     )
-    return ratings, _typed_users(users), items
+    return ratings.lazy(), _typed_users(users), items
 
 
 def _genres_100k(path: Path) -> list[str]:
@@ -165,7 +185,7 @@ def _genres_100k(path: Path) -> list[str]:
     return pairs.with_columns(index.alias("index")).sort("index").get_column("name").to_list()
 
 
-def _read_dat(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _read_dat(folder: Path) -> tuple[pl.LazyFrame, pl.DataFrame, pl.DataFrame]:
     ratings = read_fields(_require(folder, "ratings.dat"), "::", _RATING_FIELDS)
     movies = _movies_dat(_require(folder, "movies.dat"))
     if (folder / "tags.dat").is_file():
@@ -186,7 +206,7 @@ def _read_dat(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     else:
         # 10M publishes no user file: the users are those who rated.
         users = ratings.select(pl.col("user")).unique(maintain_order=True)
-    return ratings, users, movies
+    return ratings.lazy(), users, movies
 
 
 def _movies_dat(path: Path) -> pl.DataFrame:
@@ -204,10 +224,12 @@ def _movies_dat(path: Path) -> pl.DataFrame:
     )
 
 
-def _read_latest(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def _read_latest(folder: Path) -> tuple[pl.LazyFrame, pl.DataFrame, pl.DataFrame]:
     ratings_path = _require(folder, "ratings.csv")
+    # A scan (25M rows in MovieLens-25M): the ingest streams it into chunked files.
+    # Every field a string, as read_csv_strings reads them; the file is ASCII digits.
     ratings = _renamed(
-        read_csv_strings(ratings_path),
+        pl.scan_csv(ratings_path, infer_schema=False),
         {"userId": "user", "movieId": "item", "rating": "rating", "timestamp": "ts"},
         ratings_path,
     )
@@ -230,14 +252,21 @@ def _read_latest(folder: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame
             folder / "tags.csv",
         )
         movies = _with_tags(movies, tags)
-    users = ratings.select(pl.col("user")).unique(maintain_order=True)
+    # No user file: the users are those who rated (a streaming distinct, 162k in 25M).
+    try:
+        users = ratings.select(pl.col("user")).unique(maintain_order=True).collect()
+    except pl.exceptions.PolarsError as exc:
+        raise SourceError(
+            f"{ratings_path}: cannot read as CSV ({type(exc).__name__}: {exc})"
+        ) from None
     return ratings, users, movies
 
 
-def _renamed(frame: pl.DataFrame, columns: dict[str, str], path: Path) -> pl.DataFrame:
-    missing = [c for c in columns if c not in frame.columns]
+def _renamed(frame: Frame, columns: dict[str, str], path: Path) -> Frame:
+    found = frame.collect_schema().names()
+    missing = [c for c in columns if c not in found]
     if missing:
-        raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; found {frame.columns}")
+        raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; found {found}")
     return frame.select([pl.col(src).alias(dst) for src, dst in columns.items()])
 
 
@@ -282,11 +311,11 @@ def _typed_users(raw: pl.DataFrame) -> pl.DataFrame:
 
 def _assemble(
     name: str,
-    ratings: pl.DataFrame,
+    ratings: pl.LazyFrame,
     users: pl.DataFrame,
     items: pl.DataFrame,
     positive_threshold: float,
-) -> InteractionTables:
+) -> InteractionTables[pl.LazyFrame]:
     # The entity files define which ids exist; ratings of anyone else get -1.
     user_map = build_id_map(users.get_column("user"), "user")
     item_map = build_id_map(items.get_column("item"), "item")

@@ -2,7 +2,8 @@
 
 Interaction data gets point-in-time training examples, day buckets, latest
 vectors and histories (see :mod:`features.build`), by the engine in
-``features.engine``. A generic CTR table is already one row per example: it is
+``features.engine`` (``polars``: out of core in ``features.partitions``
+entity partitions, ``auto`` by the log's size). A generic CTR table is already one row per example: it is
 published as the examples with its spec, unchanged.
 """
 
@@ -10,12 +11,7 @@ from __future__ import annotations
 
 import json
 
-from features.build import (
-    build_features,
-    build_features_out_of_core,
-    feature_summary,
-    write_feature_outputs,
-)
+from features.build import build_features, feature_summary, write_feature_outputs
 from features.dataset import dataset_kind, read_events, read_table, write_table
 from features.feature_spec import FeatureSpec
 from pipelines.step import Step, StepContext, StepResult
@@ -35,12 +31,11 @@ def run_features(ctx: StepContext) -> StepResult:
 
         ensure_ray(ctx.config.ray)
         outputs = build_features_on_ray(data, users, items, config)
-    elif config.partitions > 1:
-        # Examples go straight into the staging folder (spill files beside them,
-        # removed before it returns), so nothing is published on an error.
-        outputs = build_features_out_of_core(events, users, items, config, ctx.output)
     else:
-        outputs = build_features(events, users, items, config)
+        # Out of core at every size: examples go straight into the staging folder
+        # (spill files beside them, removed before it returns), so nothing is
+        # published on an error.
+        outputs = build_features(events, users, items, config, ctx.output)
     counts = write_feature_outputs(outputs, ctx.output)
     summary = feature_summary(outputs)
     ctx.output.join("feature_summary.json").write_text_atomic(json.dumps(summary, indent=2))
@@ -50,7 +45,7 @@ def run_features(ctx: StepContext) -> StepResult:
         artifacts=("feature_spec.json", "feature_summary.json"),
         extra={
             "engine": config.engine,
-            "partitions": config.partitions if config.engine == "polars" else None,
+            "partitions": outputs.partitions,
             "as_of": outputs.as_of.isoformat(),
         },
     )

@@ -3,6 +3,9 @@
 Counts, date range, event mix, click-through rate by position (the position
 bias every later model must handle) and events per day, as ``summary.json``,
 ``events_per_day.csv`` and a PNG plot, all logged to the step's MLflow run.
+
+Every number is an aggregate of a scan run by Polars' streaming engine (a
+``CTR table`` too), so the step holds a few small tables, never the log.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ matplotlib.use("Agg")  # headless: no display on servers or in CI
 import matplotlib.pyplot as plt
 import polars as pl
 
-from features.dataset import dataset_kind, read_events, read_table
+from features.dataset import dataset_kind, read_ctr_table, read_events, read_table
 from features.feature_spec import FeatureSpec
 from infra.storage import StoragePath
 from pipelines.step import Step, StepContext, StepResult
@@ -43,8 +46,16 @@ def run_summarize(ctx: StepContext) -> StepResult:
     return StepResult(row_counts={"summary": 1}, metrics=metrics, artifacts=artifacts)
 
 
+# Each query scans the whole log: the streaming engine aggregates it in batches
+# (explicit, whatever POLARS_ENGINE_AFFINITY says). One query each, not collect_all:
+# its shared scan would be cached whole in memory.
+STREAMING = "streaming"
+
+
 def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
+    """The summary, events per day and CTR by position: a few streaming aggregates."""
     events = read_events(data)
+    is_impression = pl.col("event_type") == "impression"
     totals = (
         events.select(
             pl.len().alias("events"),
@@ -53,34 +64,38 @@ def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataF
             pl.col("ts").min().alias("first_ts"),
             pl.col("ts").max().alias("last_ts"),
             pl.col("request_id").n_unique().alias("requests"),
+            pl.col("label").filter(is_impression).mean().alias("_ctr"),
+            pl.col("label").mean().alias("_positive_rate"),
         )
-        .collect()
+        .collect(engine=STREAMING)
         .row(0, named=True)
     )
-    impressions = events.filter(pl.col("event_type") == "impression")
+    ctr, positive_rate = totals.pop("_ctr"), totals.pop("_positive_rate")
+    impressions = events.filter(is_impression)
     by_position = (
         impressions.group_by("position")
         .agg(pl.len().alias("impressions"), pl.col("label").mean().alias("ctr"))
         .sort("position")
-        .collect()
+        .collect(engine=STREAMING)
     )
+    day = pl.col("ts").dt.date().alias("date")
     per_day = (
-        events.group_by(pl.col("ts").dt.date().alias("date"), "event_type")
+        events.group_by(day, "event_type")
         .len()
-        .collect()
+        .collect(engine=STREAMING)
         .pivot(on="event_type", index="date", values="len")
         .join(
             # Clicks ride on impression rows (label 1.0): count them as a series of their own.
-            impressions.group_by(pl.col("ts").dt.date().alias("date"))
+            impressions.group_by(day)
             .agg(pl.col("label").sum().cast(pl.Int64).alias("clicks"))
-            .collect(),
+            .collect(engine=STREAMING),
             on="date",
             how="left",
         )
         .sort("date")
         .fill_null(0)
     )
-    mix = events.group_by("event_type").len().collect()
+    mix = events.group_by("event_type").len().collect(engine=STREAMING)
     n_impressions = int(by_position["impressions"].sum()) if by_position.height else 0
     n_users = read_table(data.join("users.parquet")).height
     n_items = read_table(data.join("items.parquet")).height
@@ -90,9 +105,7 @@ def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataF
         "items": n_items,
         "days": per_day.height,
         "impressions": n_impressions,
-        "ctr": float(impressions.select(pl.col("label").mean()).collect().item() or 0.0)
-        if n_impressions
-        else 0.0,
+        "ctr": float(ctr or 0.0) if n_impressions else 0.0,
         "density": totals["events"] / max(1, n_users * n_items),
         "event_mix": dict(zip(mix["event_type"], mix["len"], strict=True)),
         "ctr_by_position": dict(
@@ -101,18 +114,21 @@ def _summarize_interactions(data: StoragePath) -> tuple[dict[str, Any], pl.DataF
     }
     if not n_impressions:
         # Rating-only logs (MovieLens): the share of positive labels is the useful rate.
-        summary["positive_rate"] = float(events.select(pl.col("label").mean()).collect().item())
+        summary["positive_rate"] = float(positive_rate)
     return summary, per_day, by_position
 
 
 def _summarize_ctr(data: StoragePath) -> dict[str, Any]:
     spec = FeatureSpec.load(data)
-    table = pl.concat(
-        [read_table(f) for f in data.join("table").files() if f.path.endswith(".parquet")]
+    rows, positive_rate = (
+        read_ctr_table(data)
+        .select(pl.len(), pl.col(spec.labels[0]).mean())
+        .collect(engine=STREAMING)
+        .row(0)
     )
     return {
-        "rows": table.height,
-        "positive_rate": float(table.get_column(spec.labels[0]).mean() or 0.0),
+        "rows": rows,
+        "positive_rate": float(positive_rate or 0.0),
         "features": len(spec.features),
         "feature_kinds": {
             k: sum(f.kind == k for f in spec.features)

@@ -1,8 +1,9 @@
 """validate: type the raw tables, quarantine bad rows, fail above the bound.
 
 Entity tables are validated first so events can be checked against the ids
-that exist. Events are validated one file at a time (memory stays bounded by
-the largest partition). Bad rows of every table go to
+that exist. Events (and a CTR table) are validated one file at a time, so
+memory stays bounded by the largest file the source wrote (the simulator's
+``chunk_rows``), not the log. Bad rows of every table go to
 ``<workdir>/quarantine/<fingerprint>/<table>.parquet`` with their reasons,
 whether the step passes or fails; the step publishes nothing when any table's
 bad share exceeds ``data.validation.max_bad_fraction``.
@@ -13,8 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-
-import polars as pl
 
 from features.dataset import (
     DATASET_FILE,
@@ -93,24 +92,32 @@ def _validate_interactions(
     for index, file in enumerate(files):
         part = validate_table(read_table(file), EVENTS, rules, known_ids=known)
         write_events_by_date(part.valid, out.join("events"), part=index)
-        # Good rows are on disk now; keep only what the report needs.
-        parts.append(
-            ValidationResult(
-                part.table, part.valid.head(0), part.quarantined, part.reason_counts, part.n_valid
-            )
-        )
+        parts.append(_without_good_rows(part))
     return [users, items, combine(parts)]
 
 
 def _validate_ctr(raw: StoragePath, out: StoragePath) -> list[ValidationResult]:
+    """The CTR table one file at a time, as the events: memory follows the largest file."""
     spec = FeatureSpec.load(raw)
+    contract = contract_for_spec(spec)
     files = [f for f in raw.join("table").files() if f.path.endswith(".parquet")]
-    table = pl.concat([read_table(f) for f in files], how="vertical_relaxed")
-    result = validate_table(table, contract_for_spec(spec))
+    if not files:
+        raise DataValidationError(f"table: no Parquet files below {raw.join('table').uri}")
     out.join("table").makedirs()
-    write_table(result.valid, out.join("table", "part-00000.parquet"))
+    parts = []
+    for index, file in enumerate(files):
+        part = validate_table(read_table(file), contract)
+        write_table(part.valid, out.join("table", f"part-{index:05d}.parquet"))
+        parts.append(_without_good_rows(part))
     spec.save(out)
-    return [result]
+    return [combine(parts)]
+
+
+def _without_good_rows(part: ValidationResult) -> ValidationResult:
+    """``part`` once its good rows are on disk: what the report needs (counts, bad rows)."""
+    return ValidationResult(
+        part.table, part.valid.head(0), part.quarantined, part.reason_counts, part.n_valid
+    )
 
 
 VALIDATE = Step(

@@ -1,4 +1,9 @@
-"""The polars engine's out-of-core build (``features.partitions > 1``) equals the in-memory one."""
+"""The polars engine's build gives the same outputs in any number of entity partitions.
+
+``build_features`` is one out-of-core path at every size (``features.partitions``,
+``auto`` by the log's size); its examples are also checked against
+:func:`build_training_frame` over the whole log in memory, the definition.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,12 @@ from features.build import (
     FeatureOutputs,
     build_features,
     build_features_out_of_core,
+    partition_count,
     write_feature_outputs,
 )
 from features.dataset import read_events, read_table, write_events_by_date
 from features.schemas import TS_DTYPE
+from features.training_frame import build_training_frame, example_rows
 from infra.config import FeaturesConfig, RayrecConfig, load_config
 from infra.storage import StoragePath
 from pipelines.cli import main
@@ -50,6 +57,20 @@ def with_partitions(config: FeaturesConfig, partitions: int) -> FeaturesConfig:
     return config.model_copy(update={"partitions": partitions})
 
 
+def assert_examples_are_the_definition(
+    outputs: FeatureOutputs,
+    events: pl.LazyFrame,
+    users: pl.DataFrame,
+    items: pl.DataFrame,
+    config: FeaturesConfig,
+) -> None:
+    """The examples equal :func:`build_training_frame` of every example row over the whole log."""
+    definition = build_training_frame(
+        example_rows(events).collect(), events, users, items, config, outputs.prior
+    )
+    assert outputs.examples.collect().equals(definition)
+
+
 @pytest.fixture()
 def validated(tiny_config: RayrecConfig) -> StoragePath:
     run_pipeline(MAIN, tiny_config, until="validate", track=False)
@@ -70,6 +91,8 @@ def test_out_of_core_equals_in_memory_and_leaves_only_the_examples(
         read_events(validated), users, items, with_partitions(config, 3), out
     )
     assert_same_outputs(local, partitioned)
+    assert local.partitions == 1 and partitioned.partitions == 3
+    assert_examples_are_the_definition(local, read_events(validated), users, items, config)
     # The spill folder is gone; the examples lie per UTC day as the in-memory writer lays them.
     assert [p.name for p in out.list_dir()] == ["examples"]
     reference = StoragePath.from_uri(tmp_path / "reference")
@@ -138,6 +161,7 @@ def test_more_partitions_than_entities_with_a_duplicated_row(tmp_path: Path) -> 
         read_events(data), users, items, with_partitions(config, 5), out
     )
     assert_same_outputs(local, partitioned)
+    assert_examples_are_the_definition(local, read_events(data), users, items, config)
     examples = partitioned.examples.collect()
     assert examples.height == 9  # the impressions, the duplicate included
     assert examples.get_column("user_id").to_list() == [0, 0, 0, 1, 1, 0, 0, 1, 1]
@@ -194,3 +218,48 @@ def test_cli_builds_out_of_core_and_publishes_what_the_in_memory_build_gives(
     examples = pl.read_parquet(root.join("examples").path + "/**/*.parquet")
     assert examples.equals(local.examples.collect())
     assert current.manifest["row_counts"]["examples"] == local.n_examples
+
+
+def test_auto_partitions_follow_the_log_size_and_give_the_same_outputs(
+    validated: StoragePath, tiny_config: RayrecConfig, tmp_path: Path
+) -> None:
+    events = read_events(validated)
+    n_events = events.select(pl.len()).collect().item()
+    config = tiny_config.features
+    assert config.partitions == "auto"
+    assert partition_count(events, config) == 1  # tiny is far below the bound
+    bound = n_events // 3 + 1  # three partitions' worth
+    auto = config.model_copy(update={"events_per_partition": bound})
+    assert partition_count(events, auto) == 3
+    assert partition_count(events, with_partitions(auto, 2)) == 2  # a number wins
+    users = read_table(validated.join("users.parquet"))
+    items = read_table(validated.join("items.parquet"))
+    single = build_features(events, users, items, with_partitions(config, 1))
+    out = StoragePath.from_uri(tmp_path / "out")
+    partitioned = build_features(events, users, items, auto, out)
+    assert partitioned.partitions == 3 and partitioned.examples_at is not None
+    assert_same_outputs(single, partitioned)
+
+
+def test_the_step_at_auto_partitions_publishes_the_single_partition_build(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "workdir"
+    overrides = [f"paths.workdir={workdir}", "features.events_per_partition=4000"]
+    argv = ["features", "build", "-p", "tiny"] + [a for o in overrides for a in ("--set", o)]
+    assert main(argv) == 0
+    config = load_config("tiny", overrides, environ={})
+    current, validated = published(config, "features"), published(config, "validate")
+    assert current is not None and validated is not None
+    events = read_events(validated.path)
+    expected = -(-events.select(pl.len()).collect().item() // 4_000)
+    assert expected > 1 and current.manifest["partitions"] == expected
+    single = build_features(
+        events,
+        read_table(validated.path.join("users.parquet")),
+        read_table(validated.path.join("items.parquet")),
+        with_partitions(config.features, 1),
+    )
+    examples = pl.read_parquet(current.path.join("examples").path + "/**/*.parquet")
+    assert examples.equals(single.examples.collect())
+    assert current.manifest["row_counts"]["examples"] == single.n_examples
