@@ -2,9 +2,9 @@
 
 Interaction data gets point-in-time training examples, day buckets, latest
 vectors and histories (see :mod:`features.build`), by the engine in
-``features.engine`` (``polars``: out of core in ``features.partitions``
-entity partitions, ``auto`` by the log's size). A generic CTR table is already one row per example: it is
-published as the examples with its spec, unchanged.
+``features.engine`` (``polars``: out of core in ``features.partitions`` entity
+partitions, ``auto`` by the log's size). A generic CTR table is already one row
+per example: it is published as the examples with its spec, unchanged.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """ingest: bring data in from the configured source (simulate, import files).
 
 The output is a dataset folder (see :mod:`features.dataset`) holding *raw*
-tables; nothing downstream reads it before ``validate`` has typed it.
+tables; nothing downstream reads it before ``validate`` has typed it. Neither
+path holds the log: the simulator writes ``simulator.chunk_rows`` at a time, and
+a source that hands its events over as a scan (MovieLens' rating file) is
+written in chunks by :func:`~features.dataset.write_interactions`.
 
 With ``data.include_event_log`` the events serving's API took in (its event
 log, :mod:`features.event_log`) are added beside the source's events as one
