@@ -579,12 +579,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     (:class:`EncodedSplits`: folder names, layout and statistics, no rows),
     ``threads``, and for fault tests ``crash_marker`` / ``crash_after_epoch``
     (rank 0 creates the marker after that epoch's checkpoint and exits, once).
-    The rows come from Ray Data: the ``train`` dataset split between the
-    workers, shuffled per epoch through a local buffer of
-    ``settings.shuffle_buffer_rows`` rows (a seed per epoch and rank); the
-    ``valid`` dataset whole on every worker, so that all workers score the
-    same rows with the same synchronised weights and stop alike on
-    ``patience``. Resumes from ``ray.train.get_checkpoint()``. The checkpoint
+    The training rows come from Ray Data: the ``train`` dataset split between
+    the workers, shuffled per epoch through a local buffer of
+    ``settings.shuffle_buffer_rows`` rows (a seed per epoch and rank). Every
+    worker reads the whole validation part, so that all score the same rows
+    with the same synchronised weights and stop alike on ``patience``: it
+    reads the encoded files itself, a batch at a time, since a Ray Data pass
+    adds a dataset execution per epoch (~20 s each on a loaded 2-core
+    machine) for a part that is not split. Resumes from ``ray.train.get_checkpoint()``. The checkpoint
     holds the :class:`EpochState` fields plus ``model``, ``optimizer`` and
     ``rng``; Ray keeps the best epoch's checkpoint, so the loop keeps no best
     weights of its own.
@@ -628,7 +630,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             parallel_strategy_kwargs={"find_unused_parameters": settings.kind == "moe"},
         )
     train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
     marker = loop_config.get("crash_marker")
 
     def checkpoint_and_report(row: dict[str, Any], _: Reranker, state: EpochState) -> None:
@@ -664,7 +665,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             settings.shuffle_buffer_rows,
             seed=(settings.seed * 100_003 + epoch) * 1_009 + rank,
         ),
-        lambda: shard_batches(valid_shard, train_config.eval_batch_size),
+        lambda: iter_file_parts(splits.files("valid"), train_config.eval_batch_size),
         state,
         epochs=train_config.epochs,
         patience=train_config.patience,

@@ -4,8 +4,8 @@ The same path as retrieval (:mod:`pipelines.retrieval.trainer`): workers,
 GPUs and retries from ``models.ranker``; a checkpoint per epoch, the best
 by validation AUC kept; a crashed worker makes Ray restart the group from
 the latest checkpoint (``FailureConfig``). The rows reach the workers as
-Ray Data datasets of the encoded examples (:mod:`pipelines.ranker.encoded`):
-``train`` split between them, ``valid`` whole on each; the loop config
+a Ray Data dataset of the encoded examples (:mod:`pipelines.ranker.encoded`),
+split between them; each reads the validation files whole; the loop config
 carries the small :class:`EncodedSplits` description, never rows. After
 training the driver fits the configured calibration on validation logits,
 scored a batch at a time.
@@ -107,13 +107,9 @@ def train_ranker(
         datasets={
             "train": data.dataset("train", settings.read_tasks).randomize_block_order(
                 seed=settings.seed
-            ),
-            "valid": data.dataset("valid", settings.read_tasks),
+            )
         },
-        dataset_config=DataConfig(
-            datasets_to_split=["train"],
-            execution_options=ray.data.ExecutionOptions(preserve_order=True),
-        ),
+        dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage.resolve()),
