@@ -210,16 +210,19 @@ def concat_parts(parts: Sequence[RankerPart]) -> RankerPart:
     )
 
 
-def iter_file_parts(files: Iterable[StoragePath], batch_rows: int) -> Iterator[RankerPart]:
-    """The rows of encoded files as parts of at most ``batch_rows`` rows, file by file.
-
-    For readers outside Ray Train (scoring a part in the driver, a sample for
-    tuning): memory holds one batch.
-    """
+def iter_tables(files: Iterable[StoragePath], batch_rows: int) -> Iterator[pa.Table]:
+    """The rows of Parquet files as Arrow tables of at most ``batch_rows`` rows, file by file:
+    memory holds one batch."""
     for file in files:
         with file.fs.open_input_file(file.path) as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
-                yield part_from_table(pa.Table.from_batches([batch]))
+                yield pa.Table.from_batches([batch])
+
+
+def iter_file_parts(files: Iterable[StoragePath], batch_rows: int) -> Iterator[RankerPart]:
+    """The rows of encoded files as parts of at most ``batch_rows`` rows (readers outside
+    Ray Train: scoring a part in the driver, a sample for tuning)."""
+    return (part_from_table(table) for table in iter_tables(files, batch_rows))
 
 
 def target_stats(part: RankerPart) -> dict[str, TargetStats]:
@@ -376,10 +379,7 @@ def example_files(folder: StoragePath) -> list[StoragePath]:
 
 def iter_frames(files: Iterable[StoragePath], chunk_rows: int) -> Iterator[pl.DataFrame]:
     """The rows of Parquet files as frames of at most ``chunk_rows`` rows, file by file."""
-    for file in files:
-        with file.fs.open_input_file(file.path) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=chunk_rows):
-                yield pl.from_arrow(pa.Table.from_batches([batch]))  # type: ignore[misc]
+    return (pl.from_arrow(table) for table in iter_tables(files, chunk_rows))  # type: ignore[misc]
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+import torch
 
 from features.dataset import read_examples
 from features.feature_spec import SPEC_FILE, FeatureSpec
@@ -217,9 +219,6 @@ def sample_part(
     Each row is kept with probability ``rows / part rows``, batch by batch, so
     memory never holds more than the sample and a batch.
     """
-    import numpy as np
-    import torch
-
     share = min(1.0, rows / max(1, splits.rows[name]))
     generator = np.random.default_rng(seed)
     kept = []
